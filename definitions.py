@@ -1,0 +1,39 @@
+"""The code location: wires assets/, resources/ and schedules/ into one ``dg.Definitions``.
+
+``SLEEP_PIPELINE_HOME`` chooses the storage directory (default ``.sleep_pipeline`` beside this file)
+and ``SLEEP_PIPELINE_RECIPES`` the recipe directory (default ``recipes``). The recipes are validated
+here, so a bad one stops the code location from loading with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets.data import build_data_assets
+from resources.storage import DataRecipeResource, StorageResource
+from schedules.jobs import sleep_cycle_job
+from sleep_pipeline.config import load_data_recipe
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | None = None) -> dg.Definitions:
+    recipes_dir = Path(recipes_dir or os.environ.get("SLEEP_PIPELINE_RECIPES") or PROJECT_ROOT / "recipes")
+    storage_dir = Path(storage_dir or os.environ.get("SLEEP_PIPELINE_HOME") or PROJECT_ROOT / ".sleep_pipeline")
+    recipe = load_data_recipe(recipes_dir, storage_dir)
+    assets, checks = build_data_assets(recipe)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[sleep_cycle_job],
+        resources={
+            "storage": StorageResource(root_dir=str(storage_dir)),
+            "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),
+        },
+    )
+
+
+defs = build_defs()

@@ -1,0 +1,36 @@
+"""Where the pipeline keeps its files and its DuckDB database."""
+
+
+from pathlib import Path
+
+import dagster as dg
+
+from sleep_pipeline.config import DataRecipe, load_data_recipe
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Local storage root: generated sources, the DuckDB file, data mixes, checkpoints."""
+
+    root_dir: str
+    duckdb_file: str = "sleep.duckdb"
+
+    @property
+    def root(self) -> Path:
+        return Path(self.root_dir).expanduser().resolve()
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / self.duckdb_file
+
+    @property
+    def mixes_dir(self) -> Path:
+        return self.root / "mixes"
+
+
+class DataRecipeResource(dg.ConfigurableResource):
+    """The data recipes (``sources.yaml``, ``data.yaml``), validated each time they are read."""
+
+    recipes_dir: str
+
+    def load(self, storage: StorageResource) -> DataRecipe:
+        return load_data_recipe(self.recipes_dir, storage.root)
