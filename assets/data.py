@@ -40,7 +40,7 @@ def _source_asset(src: SourceConfig) -> dg.AssetsDefinition:
     )
     def _ingest(context: dg.AssetExecutionContext, storage: StorageResource, data_recipe: DataRecipeResource) -> dg.MaterializeResult:
         recipe = data_recipe.load(storage)
-        summary = ingest_source(recipe.source(src.name), recipe, storage.db_path, context.run_id, log=context.log.info)
+        summary = ingest_source(recipe.source(src.name), recipe, storage.db_path, context.run.run_id, log=context.log.info)
         if summary.quarantined:
             context.log.warning(f"{src.name}: {summary.quarantined} records quarantined: {summary.reasons}")
         return dg.MaterializeResult(metadata={
@@ -70,7 +70,7 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
     )
     def deduped_corpus(context: dg.AssetExecutionContext, storage: StorageResource, data_recipe: DataRecipeResource) -> dg.MaterializeResult:
         recipe = data_recipe.load(storage)
-        s = build_deduped_corpus(recipe, storage.db_path, context.run_id, log=context.log.info)
+        s = build_deduped_corpus(recipe, storage.db_path, context.run.run_id, log=context.log.info)
         return dg.MaterializeResult(metadata={
             "dagster/row_count": s.kept,
             "records_in": s.records_in,

@@ -1,2 +1,116 @@
-def main():
-    pass
+"""``sleep-pipeline`` command line.
+
+    sleep-pipeline dedup IN.jsonl --out DIR [--threshold 0.7] [--num-perm 128] [--shingle-size 3]
+
+reads one JSON object per line (a ``text`` field, optional ``id`` and ``tier``), applies the quality
+filters and exact + near deduplication, and writes ``kept.jsonl``, ``duplicates.jsonl`` (each
+duplicate with ``duplicate_of``, kind, similarity and cluster), ``quarantine.jsonl`` (line, reason,
+detail) and ``summary.json``, then prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from sleep_pipeline.config import DedupConfig, QualityConfig, RecipeError, SourceConfig
+from sleep_pipeline.data.corpus import clean_and_dedup
+from sleep_pipeline.data.ingest import QuarantineRow, SourceError, read_source
+from sleep_pipeline.progress import stderr_log
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    src = SourceConfig(name="input", path=Path(args.input).resolve(), format="jsonl", tier=args.default_tier,
+                       bucket="benign", fields={"id": "id", "text": "text"})
+    quality = QualityConfig(min_chars=args.min_chars, max_chars=args.max_chars, max_record_bytes=args.max_record_bytes)
+    dedup_cfg = DedupConfig(threshold=args.threshold, num_perm=args.num_perm, shingle_size=args.shingle_size,
+                            seed=args.seed, boilerplate_doc_share=args.boilerplate_doc_share)
+    log = None if args.quiet else stderr_log
+    ingest = read_source(src, quality)
+    quarantine: list[QuarantineRow] = list(ingest.quarantine)
+    rows = []
+    for r in ingest.records:
+        meta = json.loads(r["meta"])
+        tier = meta.pop("tier", args.default_tier)
+        if tier not in (1, 2, 3):
+            quarantine.append(QuarantineRow("ingest", "input", r["line_no"], r["record_id"], "bad_field_type",
+                                            f"tier must be 1, 2 or 3, got {tier!r}", r["response"][:200]))
+            continue
+        rows.append({**r, "tier": tier, "meta": json.dumps(meta)})
+    cleaned = clean_and_dedup(rows, quality, dedup_cfg, log=log, scrub=args.scrub_pii)
+    quarantine.extend(cleaned.rejected)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    strip = lambda rid: rid.split(":", 1)[1] if rid and rid.startswith("input:") else rid  # noqa: E731
+    _write_jsonl(out / "kept.jsonl", ({"id": strip(r["record_id"]), "line": r["line_no"], "tier": r["tier"], "text": r["response"]}
+                                      for r in cleaned.kept))
+    _write_jsonl(out / "duplicates.jsonl", ({"id": strip(d["record_id"]), "line": d["line_no"], "tier": d["tier"],
+                                             "duplicate_of": strip(d["duplicate_of"]), "kind": d["kind"],
+                                             "similarity": d["similarity"], "cluster": strip(d["cluster_id"])}
+                                            for d in cleaned.duplicates))
+    _write_jsonl(out / "quarantine.jsonl", ({"line": q.line_no, "id": strip(q.record_id), "reason": q.reason,
+                                             "detail": q.detail, "excerpt": q.excerpt} for q in quarantine))
+    reasons: dict[str, int] = {}
+    for q in quarantine:
+        reasons[q.reason] = reasons.get(q.reason, 0) + 1
+    summary = {
+        "input": str(src.path),
+        "records_in": ingest.lines_in,
+        "kept": len(cleaned.kept),
+        "duplicates": len(cleaned.duplicates),
+        "exact_duplicates": sum(d["kind"] == "exact" for d in cleaned.duplicates),
+        "near_duplicates": sum(d["kind"] == "near" for d in cleaned.duplicates),
+        "quarantined": len(quarantine),
+        "quarantine_reasons": reasons,
+        "balanced": ingest.lines_in == len(cleaned.kept) + len(cleaned.duplicates) + len(quarantine),
+        "dedup": {**asdict(dedup_cfg), **cleaned.result.stats},
+        "out": str(out.resolve()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sleep-pipeline", description="Sleep-cycle pipeline tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dedup", help="Clean and deduplicate a JSONL corpus (a `text` field per line).")
+    d.add_argument("input", help="JSONL file: one object per line with `text`, optional `id` and `tier` (1-3)")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--threshold", type=float, default=DedupConfig.threshold, help="Jaccard similarity for near duplicates")
+    d.add_argument("--num-perm", type=int, default=DedupConfig.num_perm)
+    d.add_argument("--shingle-size", type=int, default=DedupConfig.shingle_size)
+    d.add_argument("--seed", type=int, default=DedupConfig.seed)
+    d.add_argument("--boilerplate-doc-share", type=float, default=DedupConfig.boilerplate_doc_share,
+                   help="ignore shingles found in more than this share of documents (template text)")
+    d.add_argument("--default-tier", type=int, default=1, choices=(1, 2, 3))
+    d.add_argument("--min-chars", type=int, default=QualityConfig.min_chars)
+    d.add_argument("--max-chars", type=int, default=QualityConfig.max_chars)
+    d.add_argument("--max-record-bytes", type=int, default=QualityConfig.max_record_bytes)
+    d.add_argument("--scrub-pii", action="store_true", help="replace e-mails, phone numbers, IPs, cards and keys")
+    d.add_argument("--quiet", action="store_true", help="no progress lines")
+    d.set_defaults(func=cmd_dedup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, SourceError, ValueError) as exc:
+        print(f"sleep-pipeline: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -177,9 +177,9 @@ def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: L
                    SELECT *, row_number() OVER (PARTITION BY source ORDER BY ingested_at DESC) AS rn
                    FROM source_ingests) WHERE rn = 1"""
         ).fetchall()
-        rows = con.execute(
+        rows = con.sql(
             f"SELECT {', '.join(RECORD_COLUMNS)} FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))",
-            [names],
+            params=[names],
         ).to_arrow_table().to_pylist()
         ingest_q = con.execute(
             "SELECT source, reason, count(*) FROM quarantine WHERE stage = 'ingest' AND source IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL",

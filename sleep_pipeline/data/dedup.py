@@ -68,12 +68,9 @@ class ShingleSets:
 
     values: np.ndarray  # uint64
     offsets: np.ndarray  # int64, len = n_docs + 1
-    sorted_unique: bool = False  # each document's values are already unique and sorted
     _unique: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def unique(self, i: int) -> np.ndarray:
-        if self.sorted_unique:
-            return self.values[self.offsets[i] : self.offsets[i + 1]]
         u = self._unique.get(i)
         if u is None:
             u = np.unique(self.values[self.offsets[i] : self.offsets[i + 1]])
@@ -138,27 +135,24 @@ def shingle(normalized: pa.Array, k: int) -> ShingleSets:
 
 
 def drop_boilerplate(sets: ShingleSets, max_doc_share: float, min_docs: int = 50) -> tuple[ShingleSets, int]:
-    """Per-document unique shingles without the boilerplate ones: a shingle found in more than
-    ``max_doc_share`` of the documents (and in at least ``min_docs``) is template text, e.g. the
-    instructions every item of a procedural task repeats; comparing on it would make distinct items
-    look alike. A document made only of boilerplate keeps all its shingles. Returns the new sets and
-    the number of boilerplate shingles."""
+    """The shingle sets without boilerplate: a shingle found more than ``max_doc_share`` of the
+    document count times (and at least ``min_docs`` times) is template text, e.g. the instructions
+    every item of a procedural task repeats; comparing on it would make distinct items look alike.
+    A document made only of boilerplate keeps all its shingles. Returns the new sets and the number
+    of distinct boilerplate shingles. (Occurrences are counted with a hash table, not a sort.)"""
     n = sets.offsets.size - 1
-    doc_of = np.repeat(np.arange(n), np.diff(sets.offsets))
-    order = np.lexsort((sets.values, doc_of))
-    v, d = sets.values[order], doc_of[order]
-    first = np.ones(v.size, dtype=bool)
-    first[1:] = (v[1:] != v[:-1]) | (d[1:] != d[:-1])
-    v, d = v[first], d[first]
-    _, inverse, df = np.unique(v, return_inverse=True, return_counts=True)
+    codes, uniques = pd.factorize(sets.values)
+    counts = np.bincount(codes)
     cutoff = max(max_doc_share * n, min_docs)
-    keep = df[inverse] <= cutoff
-    kept_per_doc = np.bincount(d[keep], minlength=n)
-    keep |= kept_per_doc[d] == 0  # nothing distinctive left: fall back to the full set
-    per_doc = np.bincount(d[keep], minlength=n)
+    keep = counts[codes] <= cutoff
+    lengths = np.diff(sets.offsets)
+    doc_of = np.repeat(np.arange(n), lengths)
+    kept_per_doc = np.bincount(doc_of[keep], minlength=n)
+    keep |= (kept_per_doc == 0)[doc_of]  # nothing distinctive left: fall back to the full set
+    per_doc = np.bincount(doc_of[keep], minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(per_doc, out=offsets[1:])
-    return ShingleSets(values=v[keep], offsets=offsets, sorted_unique=True), int((df > cutoff).sum())
+    return ShingleSets(values=sets.values[keep], offsets=offsets), int((counts > cutoff).sum())
 
 
 # --------------------------------------------------------------------------------------- minhash

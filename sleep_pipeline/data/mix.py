@@ -115,12 +115,12 @@ def materialize_mix(recipe: DataRecipe, db_path: Path, mixes_dir: Path, log: Log
     """Build the mix from ``deduped_corpus`` (+ replay table), persist it, return the manifest."""
     with connect(db_path) as con:
         ensure_schema(con)
-        corpus = con.execute(
+        corpus = con.sql(
             "SELECT record_id, cluster_id, bucket, tier, source, system, prompt, response, meta, corpus_version FROM deduped_corpus"
         ).to_arrow_table().to_pylist()
         replay = []
         if table_exists(con, REPLAY_TABLE):
-            replay = con.execute(
+            replay = con.sql(
                 f"SELECT example_id AS record_id, example_id AS cluster_id, bucket, 1 AS tier, 'replay' AS source, "
                 f"coalesce(system, '') AS system, prompt, response, coalesce(meta, '{{}}') AS meta FROM {REPLAY_TABLE}"
             ).to_arrow_table().to_pylist()

@@ -1,0 +1,41 @@
+"""Print what the last sleep cycle produced: data version, record accounting, where to look next.
+
+    python -m sleep_pipeline.report      (uses SLEEP_PIPELINE_HOME, default ./.sleep_pipeline)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from sleep_pipeline.store import connect
+
+
+def main() -> int:
+    root = Path(os.environ.get("SLEEP_PIPELINE_HOME") or Path.cwd() / ".sleep_pipeline")
+    db = root / "sleep.duckdb"
+    if not db.exists():
+        print(f"no database at {db}: run a cycle first", file=sys.stderr)
+        return 1
+    with connect(db, read_only=True) as con:
+        corpus = con.execute("SELECT corpus_version, stats FROM corpus_versions ORDER BY created_at DESC LIMIT 1").fetchone()
+        version = con.execute("SELECT manifest FROM data_versions ORDER BY created_at DESC LIMIT 1").fetchone()
+    print("sleep cycle report")
+    if corpus:
+        stats = json.loads(corpus[1])
+        print(f"  corpus {corpus[0]}: {stats['records_in']:,} records in = {stats['kept']:,} kept "
+              f"+ {stats['quarantined']:,} quarantined + {stats['duplicates']:,} duplicates "
+              f"(duplicate rate {stats['duplicate_rate']:.1%})")
+    if version:
+        m = json.loads(version[0])
+        print(f"  data version {m['version_id']} (parent {m['parent_version']}): {m['total']:,} examples {m['counts']['per_split']}")
+        print(f"  train file: {m['files']['train']}")
+    print(f"  database: {db}")
+    print("  browse lineage and metadata: DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   (http://127.0.0.1:3000)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

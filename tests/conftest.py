@@ -1,0 +1,44 @@
+"""Shared fixtures: the embedded default's recipes in a temporary storage dir, generated once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sleep_pipeline.config import load_data_recipe
+from sleep_pipeline.data.generate import generate_source
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def copy_recipes(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("sources.yaml", "data.yaml"):
+        shutil.copy(RECIPES / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def generated_sources(tmp_path_factory) -> Path:
+    """A storage dir whose sources/ holds the embedded default's generated files (made once)."""
+    storage = tmp_path_factory.mktemp("generated")
+    recipe = load_data_recipe(RECIPES, storage)
+    for src in recipe.sources:
+        generate_source(src, max_record_bytes=recipe.quality.max_record_bytes)
+    return storage
+
+
+@pytest.fixture
+def storage(tmp_path, generated_sources) -> Path:
+    """A fresh storage dir (empty database) with the generated sources copied in."""
+    dest = tmp_path / "storage"
+    shutil.copytree(generated_sources / "sources", dest / "sources")
+    return dest
+
+
+@pytest.fixture
+def recipes_dir(tmp_path) -> Path:
+    return copy_recipes(tmp_path / "recipes")

@@ -1,0 +1,129 @@
+"""The data mix: ratios, tier weighting, capped replay, leak-free splits, a versioned manifest."""
+
+import json
+
+import duckdb
+import pytest
+
+from sleep_pipeline.config import load_data_recipe
+from sleep_pipeline.config import MixConfig
+from sleep_pipeline.data.corpus import build_deduped_corpus, ingest_source
+from sleep_pipeline.data.dedup import dedup
+from sleep_pipeline.data.mix import build_mix, check_bucket_ratios, materialize_mix
+
+MIX = MixConfig(seed=1, bucket_ratios={"reasoning": 0.5, "planning": 0.3, "tool_use": 0.2},
+                tier_weights={1: 1.0, 2: 0.5, 3: 0.0}, split_ratios={"train": 0.8, "validation": 0.1, "test": 0.1})
+
+
+def _corpus(n_per_bucket=400):
+    rows = []
+    for b in ("reasoning", "planning", "tool_use"):
+        for i in range(n_per_bucket):
+            tier = (i % 3) + 1
+            rows.append({"record_id": f"{b}-{i}", "cluster_id": f"{b}-{i}", "bucket": b, "tier": tier, "source": f"s{tier}",
+                         "system": "", "prompt": f"{b} q{i}", "response": "a", "meta": "{}"})
+    return rows
+
+
+def test_bucket_ratios_hold_and_total_is_the_largest_that_fits():
+    rows, facts = build_mix(_corpus(), [], MIX)
+    counts = {b: sum(r["bucket"] == b for r in rows) for b in MIX.bucket_ratios}
+    total = sum(counts.values())
+    for b, ratio in MIX.bucket_ratios.items():
+        assert abs(counts[b] / total - ratio) < 0.01
+    # tier 3 has weight 0: never sampled; reasoning binds (267 eligible / 0.5 = 534 in all)
+    assert all(r["tier"] != 3 for r in rows)
+    assert facts["available_per_bucket"]["reasoning"] == 267
+    assert counts["reasoning"] == 267 and total == 534
+
+
+def test_tier_weights_prefer_trusted_sources():
+    mix = MixConfig(**{**MIX.__dict__, "total_examples": 300, "tier_weights": {1: 1.0, 2: 0.1, 3: 0.0}})
+    rows, _ = build_mix(_corpus(), [], mix)
+    tiers = [r["tier"] for r in rows]
+    assert tiers.count(1) > 3 * tiers.count(2)
+
+
+def test_replay_is_capped_and_goes_to_train():
+    replay = [{"record_id": f"hard-{i}", "cluster_id": f"hard-{i}", "bucket": "reasoning", "tier": 1, "source": "replay",
+               "system": "", "prompt": f"hard {i}", "response": "x", "meta": "{}"} for i in range(500)]
+    mix = MixConfig(**{**MIX.__dict__, "total_examples": 400, "replay_ratio": 0.2, "replay_cap": 50})
+    rows, facts = build_mix(_corpus(), replay, mix)
+    replayed = [r for r in rows if r["origin"] == "replay"]
+    assert len(replayed) == 50 == facts["replay"]["taken"]
+    assert {r["split"] for r in replayed} == {"train"}
+    assert len(rows) == 400
+
+
+def test_same_seed_same_mix_other_seed_other_mix():
+    a, _ = build_mix(_corpus(), [], MIX)
+    b, _ = build_mix(list(reversed(_corpus())), [], MIX)
+    c, _ = build_mix(_corpus(), [], MixConfig(**{**MIX.__dict__, "seed": 2}))
+    key = lambda rows: sorted((r["record_id"], r["split"]) for r in rows)  # noqa: E731
+    assert key(a) == key(b)
+    assert key(a) != key(c)
+
+
+def test_ratio_check_flags_a_starved_bucket():
+    mix = MixConfig(**{**MIX.__dict__, "total_examples": 1000})  # reasoning can give 267 of the 500 asked
+    rows, _ = build_mix(_corpus(), [], mix)
+    fresh = {}
+    for r in rows:
+        fresh[r["bucket"]] = fresh.get(r["bucket"], 0) + 1
+    manifest = {"counts": {"fresh_per_bucket": fresh}, "bucket_ratios": mix.bucket_ratios}
+    ok, shares = check_bucket_ratios(manifest, tolerance=0.02)
+    assert not ok and shares["reasoning"]["actual"] < 0.5 - 0.02
+    assert check_bucket_ratios(manifest, tolerance=0.2)[0]
+
+
+def test_embedded_mix_has_no_near_duplicates_across_splits_and_a_manifest(recipes_dir, storage):
+    recipe = load_data_recipe(recipes_dir, storage)
+    db = storage / "sleep.duckdb"
+    for src in recipe.sources:
+        ingest_source(src, recipe, db, "test")
+    build_deduped_corpus(recipe, db, "test")
+    first = materialize_mix(recipe, db, storage / "mixes")
+
+    # Deduplicating the mix again finds no duplicate pair that spans two splits.
+    rows = duckdb.connect(str(db), read_only=True).execute(
+        "SELECT split, prompt || chr(10) || response FROM data_mix WHERE version_id = ?", [first["version_id"]]).fetchall()
+    splits = [s for s, _ in rows]
+    again = dedup([t for _, t in rows], None, recipe.dedup)
+    leaks = [(i, int(j)) for i, j in enumerate(again.duplicate_of) if j >= 0 and splits[i] != splits[j]]
+    assert not leaks, [(rows[i][1][:60], rows[j][1][:60]) for i, j in leaks[:3]]
+
+    # The manifest is persisted and complete; files exist with the counted rows.
+    m = first
+    for key in ("version_id", "parent_version", "counts", "filters_applied", "split_ratios", "config_hash", "seed"):
+        assert key in m
+    assert set(m["counts"]["per_bucket"]) == set(recipe.mix.bucket_ratios)
+    for split, path in m["files"].items():
+        with open(path) as fh:
+            assert sum(1 for _ in fh) == m["counts"]["per_split"][split]
+    stored = json.loads(duckdb.connect(str(db), read_only=True).execute(
+        "SELECT manifest FROM data_versions WHERE version_id = ?", [m["version_id"]]).fetchone()[0])
+    assert stored["counts"] == m["counts"]
+    assert check_bucket_ratios(m, recipe.mix.ratio_tolerance)[0]
+
+    # A new recipe (another seed) is a new version whose parent is the first.
+    import dataclasses
+    second = materialize_mix(dataclasses.replace(recipe, mix=dataclasses.replace(recipe.mix, seed=99)), db, storage / "mixes")
+    assert second["version_id"] != first["version_id"]
+    assert second["parent_version"] == first["version_id"]
+
+
+def test_split_follows_the_cluster_not_the_record():
+    # Records sharing a cluster (e.g. near copies) must land in one split, whatever their ids.
+    corpus = []
+    for c in range(200):
+        for k in range(3):
+            corpus.append({"record_id": f"r{c}-{k}", "cluster_id": f"c{c}", "bucket": "reasoning", "tier": 1, "source": "s",
+                           "system": "", "prompt": f"q{c}", "response": "a", "meta": "{}"})
+    mix = MixConfig(seed=3, bucket_ratios={"reasoning": 1.0}, tier_weights={1: 1.0},
+                    split_ratios={"train": 0.6, "validation": 0.2, "test": 0.2})
+    rows, _ = build_mix(corpus, [], mix)
+    split_of_cluster: dict[str, set] = {}
+    for r in rows:
+        split_of_cluster.setdefault(r["cluster_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in split_of_cluster.values())
+    assert {s for v in split_of_cluster.values() for s in v} == {"train", "validation", "test"}
