@@ -245,12 +245,17 @@ def _parse_sum_to_one(raw: Any, where: str, allowed: tuple) -> dict[str, float]:
     return out
 
 
-def _parse_quality(raw: Any, where: str) -> QualityConfig:
+def _section(raw: Any, where: str, cls: type) -> tuple[dict, Any]:
+    """An optional mapping section whose keys are ``cls``'s fields: (the mapping, cls's defaults)."""
     raw = raw or {}
     if not isinstance(raw, dict):
         raise _fail(where, "must be a mapping")
-    _check_keys(raw, set(QualityConfig.__dataclass_fields__), where)
-    d = QualityConfig()
+    _check_keys(raw, set(cls.__dataclass_fields__), where)
+    return raw, cls()
+
+
+def _parse_quality(raw: Any, where: str) -> QualityConfig:
+    raw, d = _section(raw, where, QualityConfig)
     q = QualityConfig(
         min_chars=_get(raw, "min_chars", where, int, d.min_chars),
         max_chars=_get(raw, "max_chars", where, int, d.max_chars),
@@ -270,11 +275,7 @@ def _parse_quality(raw: Any, where: str) -> QualityConfig:
 
 
 def _parse_dedup(raw: Any, where: str) -> DedupConfig:
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise _fail(where, "must be a mapping")
-    _check_keys(raw, set(DedupConfig.__dataclass_fields__), where)
-    d = DedupConfig()
+    raw, d = _section(raw, where, DedupConfig)
     cfg = DedupConfig(
         threshold=_in_range(_get(raw, "threshold", where, float, d.threshold), 0.05, 1.0, f"{where}.threshold"),
         num_perm=_get(raw, "num_perm", where, int, d.num_perm),

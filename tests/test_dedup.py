@@ -3,6 +3,7 @@
 import random
 import zlib
 
+import numpy as np
 import pytest
 
 from sleep_pipeline.config import DedupConfig
@@ -82,3 +83,18 @@ def test_lsh_bands_favour_recall():
     bands, rows = DedupConfig(threshold=0.7, num_perm=128).lsh_bands()
     assert bands * rows == 128
     assert 1 - (1 - 0.7**rows) ** bands >= 0.99
+
+
+def test_signatures_are_datasketch_minhashes():
+    from datasketch import MinHash
+
+    from sleep_pipeline.data.dedup import minhash_signatures, shingle_hash32, to_datasketch
+
+    texts = ["the cat sat on the mat while the dog slept", "a b", "lorem ipsum dolor sit amet consectetur"]
+    sets = shingle(normalize_texts(texts), 3)
+    sig = minhash_signatures(sets, 64, seed=11)
+    for i in range(len(texts)):
+        ref = MinHash(num_perm=64, seed=11, scheme="affine32", hashfunc=lambda v: int(v))
+        ref.update_batch(shingle_hash32(sets.values[sets.offsets[i]:sets.offsets[i + 1]]).tolist())
+        assert np.array_equal(ref.hashvalues, sig[i])
+    assert to_datasketch(sig[0], seed=11).jaccard(to_datasketch(sig[0], seed=11)) == 1.0

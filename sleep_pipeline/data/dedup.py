@@ -7,9 +7,12 @@ sets, so the LSH only decides which pairs are worth checking. Duplicates form cl
 components); each cluster keeps its most trusted copy (lowest tier, then earliest) and records every
 other member with ``duplicate_of``.
 
-The work is done on columns (pyarrow string kernels for tokenising, numpy for hashing and MinHash),
-not document by document, which is what makes it several times faster than the per-document
-``datasketch`` loop while producing the same kind of signatures.
+The signatures are ``datasketch`` MinHashes (its "affine32" permutation scheme, with the
+permutations taken from ``datasketch.MinHash`` itself), but computed on columns: pyarrow string
+kernels tokenise, numpy hashes shingles and applies all permutations to all documents at once. The
+LSH banding is done the same way, on the whole signature matrix; ``datasketch.MinHashLSH`` inserts
+and queries one document at a time, which on this machine cost 13 s + 7.6 s for 100,000 documents,
+more than the whole vectorised pipeline.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sleep_pipeline.progress import LogFn, Progress
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHINGLES_PER_CHUNK = 1 << 16
+DATASKETCH_SCHEME = "affine32"
 _MAX_RUN_ALL_PAIRS = 64  # larger LSH buckets are linked as a star + chain instead of all pairs
 
 
@@ -157,19 +161,38 @@ def drop_boilerplate(sets: ShingleSets, max_doc_share: float, min_docs: int = 50
 
 # --------------------------------------------------------------------------------------- minhash
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Multiply-shift hash functions h(x) = (a*x + b) >> 32 over 32-bit x; a odd."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 63, size=num_perm, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
-    return a, b
+    """The affine permutations h -> a*h + b (mod 2^32) of a ``datasketch.MinHash`` with this seed."""
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme=DATASKETCH_SCHEME).permutations
+    return a.astype(np.uint32), b.astype(np.uint32)
+
+
+def shingle_hash32(values: np.ndarray) -> np.ndarray:
+    """The 32-bit input hash of each shingle: the two halves of its 64-bit hash folded together."""
+    return ((values >> np.uint64(32)) ^ (values & _MASK32)).astype(np.uint32)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, which datasketch applies to every input hash."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
 
 def minhash_signatures(
     sets: ShingleSets, num_perm: int, seed: int, progress: Progress | None = None
 ) -> np.ndarray:
-    """(n_docs, num_perm) uint32 MinHash signatures, computed in chunks of whole documents."""
+    """(n_docs, num_perm) uint32 MinHash signatures, computed in chunks of whole documents.
+
+    Bit-identical to ``datasketch.MinHash(num_perm, seed, scheme="affine32", hashfunc=identity)``
+    updated with each document's :func:`shingle_hash32` values (a test holds this), but computed for
+    all documents at once instead of one ``update`` per shingle."""
     a, b = permutations(num_perm, seed)
-    x = (sets.values >> np.uint64(32)) ^ (sets.values & _MASK32)
+    with np.errstate(over="ignore"):
+        x = _fmix32(shingle_hash32(sets.values))
     n = sets.offsets.size - 1
     sig = np.empty((n, num_perm), dtype=np.uint32)
     doc = 0
@@ -179,14 +202,22 @@ def minhash_signatures(
         end = min(max(end, doc + 1), n)
         lo, hi = sets.offsets[doc], sets.offsets[end]
         # (num_perm, shingles) layout: each document is a contiguous run along the last axis.
-        hv = np.multiply.outer(a, x[lo:hi])
-        hv += b[:, None]
-        hv >>= np.uint64(32)
+        with np.errstate(over="ignore"):
+            hv = np.multiply.outer(a, x[lo:hi])
+            hv += b[:, None]
         sig[doc:end] = np.minimum.reduceat(hv, sets.offsets[doc:end] - lo, axis=1).T
         doc = end
         if progress is not None:
             progress.update(doc)
     return sig
+
+
+def to_datasketch(signature: np.ndarray, seed: int):
+    """A row of :func:`minhash_signatures` as a ``datasketch.LeanMinHash`` (for its LSH indexes,
+    serialisation, or comparing with sketches made elsewhere)."""
+    from datasketch import LeanMinHash
+
+    return LeanMinHash(seed=seed, hashvalues=signature, scheme=DATASKETCH_SCHEME)
 
 
 # ------------------------------------------------------------------------------------------- LSH

@@ -74,24 +74,27 @@ def curated_tasks(size: int, seed: int) -> list[dict]:
     return items
 
 
-def tool_calls(size: int, seed: int) -> list[dict]:
-    rng = random.Random(_seed("tool_calls", seed))
+def _verified(name: str, prefix: str, make, correct, size: int, seed: int) -> list[dict]:
+    """``size`` items from ``make(rng)``, each checked by its own verifier before it is written."""
+    rng = random.Random(_seed(name, seed))
     out = []
     for i in range(size):
-        item = tasks.tool_use_item(rng)
-        assert tasks.score_tool_call(item["response"], item["meta"]["expected_call"])["args_correct"] == 1.0
-        out.append({"id": f"tool-{seed}-{i}", **item})
+        item = make(rng)
+        assert correct(item), f"{name}: generated answer fails its verifier"
+        out.append({"id": f"{prefix}-{seed}-{i}", **item})
     return out
+
+
+def tool_calls(size: int, seed: int) -> list[dict]:
+    return _verified("tool_calls", "tool", tasks.tool_use_item,
+                     lambda it: tasks.score_tool_call(it["response"], it["meta"]["expected_call"])["args_correct"] == 1.0,
+                     size, seed)
 
 
 def structured_output(size: int, seed: int) -> list[dict]:
-    rng = random.Random(_seed("structured_output", seed))
-    out = []
-    for i in range(size):
-        item = tasks.structured_output_item(rng)
-        assert tasks.score_structured(item["response"], item["meta"]["schema"], item["meta"]["expected"])["field_accuracy"] == 1.0
-        out.append({"id": f"struct-{seed}-{i}", **item})
-    return out
+    return _verified("structured_output", "struct", tasks.structured_output_item,
+                     lambda it: tasks.score_structured(it["response"], it["meta"]["schema"], it["meta"]["expected"])["field_accuracy"] == 1.0,
+                     size, seed)
 
 
 # --------------------------------------------------------------------------------- long context
