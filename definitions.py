@@ -13,9 +13,12 @@ from pathlib import Path
 import dagster as dg
 
 from assets.data import build_data_assets
-from resources.storage import DataRecipeResource, StorageResource
+from assets.learn import trained_checkpoint
+from resources.deepspeed import DeepSpeedClusterResource
+from resources.storage import DataRecipeResource, StorageResource, TrainRecipeResource
 from schedules.jobs import sleep_cycle_job
 from sleep_pipeline.config import load_data_recipe
+from sleep_pipeline.train.recipe import load_train_recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 
@@ -24,14 +27,20 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     recipes_dir = Path(recipes_dir or os.environ.get("SLEEP_PIPELINE_RECIPES") or PROJECT_ROOT / "recipes")
     storage_dir = Path(storage_dir or os.environ.get("SLEEP_PIPELINE_HOME") or PROJECT_ROOT / ".sleep_pipeline")
     recipe = load_data_recipe(recipes_dir, storage_dir)
+    load_train_recipe(recipes_dir / "learn.yaml")  # validated now: a bad recipe stops the load
     assets, checks = build_data_assets(recipe)
     return dg.Definitions(
-        assets=assets,
+        assets=[*assets, trained_checkpoint],
         asset_checks=checks,
         jobs=[sleep_cycle_job],
         resources={
             "storage": StorageResource(root_dir=str(storage_dir)),
             "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),
+            "learn_recipe": TrainRecipeResource(path=str(recipes_dir / "learn.yaml")),
+            "deepspeed": DeepSpeedClusterResource(
+                accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),
+                num_gpus=int(os.environ.get("SLEEP_PIPELINE_NUM_GPUS", "2")),
+            ),
         },
     )
 

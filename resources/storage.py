@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from sleep_pipeline.config import DataRecipe, load_data_recipe
+from sleep_pipeline.train.recipe import TrainRecipe, load_train_recipe
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -34,3 +35,12 @@ class DataRecipeResource(dg.ConfigurableResource):
 
     def load(self, storage: StorageResource) -> DataRecipe:
         return load_data_recipe(self.recipes_dir, storage.root)
+
+
+class TrainRecipeResource(dg.ConfigurableResource):
+    """A training recipe (``recipes/learn.yaml``), validated each time it is read."""
+
+    path: str
+
+    def load(self) -> TrainRecipe:
+        return load_train_recipe(self.path)

@@ -1,0 +1,147 @@
+"""DeepSpeedClusterResource: launch an engine worker with the real ``deepspeed`` launcher, through Pipes.
+
+The same resource serves a laptop (CPU ranks over gloo, ``DS_ACCELERATOR=cpu``), one GPU box, and a
+multi-node cluster (a hostfile with ``--num_nodes`` / ``--master_addr`` and a pdsh, openmpi, mvapich,
+impi or slurm launcher); only configuration differs. The worker reports logs, per-step metrics and its
+materialisation through Dagster Pipes. The launcher runs in its own process group (session), and an
+interrupted or cancelled run terminates the whole group (TERM, then KILL after a grace period), so no
+rank keeps training after the run is gone.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import dagster as dg
+from pydantic import Field
+
+LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "impi", "mpich")
+
+
+class DeepSpeedLaunchError(RuntimeError):
+    """The launcher or a rank exited with an error."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeepSpeedClusterResource(dg.ConfigurableResource):
+    """Where and how training-type work runs. Secrets (e.g. a cluster token) go in ``env`` through
+    ``dg.EnvVar`` and are passed to the launcher's environment, never on its command line."""
+
+    accelerator: str = Field(default="cpu", description="cpu (gloo) or cuda")
+    num_gpus: int = Field(default=2, description="ranks per node: GPUs, or CPU processes when accelerator=cpu")
+    num_nodes: int = Field(default=1, description="nodes; more than 1 needs a hostfile")
+    hostfile: Optional[str] = Field(default=None, description="DeepSpeed hostfile ('host slots=N' per line)")
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = Field(default=None, description="None picks a free port per launch")
+    launcher: Optional[str] = Field(default=None, description=f"multi-node launcher ({', '.join(LAUNCHERS)}); None = DeepSpeed's default (pdsh)")
+    launcher_args: Optional[str] = Field(default=None, description="extra arguments for the multi-node launcher, e.g. srun options")
+    include: Optional[str] = Field(default=None, description="host/GPU selection, e.g. 'worker-0:0,1@worker-1'")
+    omp_num_threads: int = Field(default=1, description="OMP_NUM_THREADS per rank")
+    deepspeed_bin: Optional[str] = Field(default=None, description="the deepspeed launcher; default: beside this Python")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the launcher and ranks")
+    grace_period_s: float = 15.0
+
+    def launcher_path(self) -> str:
+        if self.deepspeed_bin:
+            return self.deepspeed_bin
+        beside = Path(sys.executable).parent / "deepspeed"
+        return str(beside) if beside.exists() else (shutil.which("deepspeed") or "deepspeed")
+
+    def build_command(self, module: str, args: list[str], master_port: Optional[int] = None) -> list[str]:
+        """The exact ``deepspeed`` command line for running ``python -m module args`` on every rank."""
+        if self.accelerator not in ("cpu", "cuda"):
+            raise ValueError(f"accelerator must be 'cpu' or 'cuda', got {self.accelerator!r}")
+        if self.launcher is not None and self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if self.num_gpus < 1 or self.num_nodes < 1:
+            raise ValueError("num_gpus and num_nodes must be at least 1")
+        if self.num_nodes > 1 and not self.hostfile:
+            raise ValueError("num_nodes > 1 needs a hostfile (or a launcher that provides one)")
+        cmd = [self.launcher_path()]
+        if self.hostfile:
+            cmd += ["--hostfile", self.hostfile]
+        if self.include:
+            cmd += ["--include", self.include]
+        if self.num_nodes > 1:
+            cmd += ["--num_nodes", str(self.num_nodes)]
+        cmd += ["--num_gpus", str(self.num_gpus)]
+        if self.master_addr:
+            cmd += ["--master_addr", self.master_addr]
+        port = master_port or self.master_port
+        if port:
+            cmd += ["--master_port", str(port)]
+        if self.launcher:
+            cmd += ["--launcher", self.launcher]
+        if self.launcher_args:
+            cmd += ["--launcher_args", self.launcher_args]
+        cmd += ["--module", module, *args]
+        return cmd
+
+    def launch_env(self) -> dict[str, str]:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.omp_num_threads), "PYTHONUNBUFFERED": "1",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **self.env}
+        if self.accelerator == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        return env
+
+    def run(self, context: dg.AssetExecutionContext, module: str, args: list[str],
+            extras: Optional[dict[str, Any]] = None) -> list:
+        """Launch, stream, wait; returns the Pipes results (the worker's reported materialisation)."""
+        port = self.master_port or _free_port()
+        cmd = self.build_command(module, args, master_port=port)
+        context.log.info("launching: " + " ".join(cmd))
+        with dg.open_pipes_session(
+            context=context,
+            context_injector=dg.PipesTempFileContextInjector(),
+            message_reader=dg.PipesTempFileMessageReader(),
+            extras=extras or {},
+        ) as session:
+            env = {**self.launch_env(), **session.get_bootstrap_env_vars()}
+            # Own session = own process group: the launcher and every rank can be signalled together.
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+            try:
+                returncode = proc.wait()
+            except BaseException:
+                context.log.warning(f"run interrupted: terminating launcher process group {proc.pid}")
+                terminate_group(proc, self.grace_period_s)
+                raise
+            if returncode != 0:
+                raise DeepSpeedLaunchError(f"deepspeed exited with code {returncode}; the worker's error is in the run log above")
+        return list(session.get_results())
+
+
+def terminate_group(proc: subprocess.Popen, grace_period_s: float) -> None:
+    """TERM the process group, wait, then KILL whatever is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_period_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

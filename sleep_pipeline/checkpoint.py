@@ -1,0 +1,160 @@
+"""The checkpoint contract every phase (Learn, Compress, Dream) writes and every consumer trusts.
+
+A checkpoint is a directory of safetensors weights plus tokenizer/config files and a
+``manifest.json`` holding the sha256 and size of every file and the facts of how it was made. It is
+written into a hidden staging directory beside its final place, verified (hashes and a real reload)
+and only then renamed into place, so a directory without a verified manifest is never a checkpoint.
+Pickle-based weight files (``.bin``, ``.pt``, ``.pkl``) are refused: loading them runs arbitrary code.
+Only the newest ``keep_last`` published checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+MANIFEST = "manifest.json"
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class CheckpointError(RuntimeError):
+    """A directory is not a complete, verified checkpoint."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def checkpoint_sha256(manifest: dict) -> str:
+    """One digest for the whole checkpoint: the hash of its sorted file hashes."""
+    blob = json.dumps({k: v["sha256"] for k, v in sorted(manifest["files"].items())}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def write_manifest(directory: Path, info: dict[str, Any]) -> dict:
+    """Hash every file under ``directory`` and write the manifest (``info`` holds the lineage)."""
+    directory = Path(directory)
+    unsafe = [p.name for p in _files(directory) if p.suffix in UNSAFE_SUFFIXES]
+    if unsafe:
+        raise CheckpointError(f"{directory}: pickle-based files are not allowed in a checkpoint: {unsafe}")
+    files = {str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(directory)}
+    if not any(name.endswith(".safetensors") for name in files):
+        raise CheckpointError(f"{directory}: no .safetensors weights to publish")
+    manifest = {
+        **info,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+        "files": files,
+    }
+    manifest["checkpoint_sha256"] = checkpoint_sha256(manifest)
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, directory / MANIFEST)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no {MANIFEST} (an incomplete or foreign directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: unreadable manifest: {exc}") from exc
+
+
+def verify_checkpoint(directory: Path, reload: Callable[[Path], Any] | None = None) -> dict:
+    """Check every file against the manifest (none missing, none extra, none altered), refuse pickle
+    files, then optionally ``reload`` the directory (e.g. ``from_pretrained``). Returns the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    present = {str(p.relative_to(directory)) for p in _files(directory)}
+    expected = set(manifest.get("files", {}))
+    if present != expected:
+        raise CheckpointError(
+            f"{directory}: files differ from the manifest (missing {sorted(expected - present)}, extra {sorted(present - expected)})"
+        )
+    for name in sorted(present):
+        if Path(name).suffix in UNSAFE_SUFFIXES:
+            raise CheckpointError(f"{directory}: pickle-based file {name} refused")
+        if sha256_file(directory / name) != manifest["files"][name]["sha256"]:
+            raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest")
+    if manifest.get("checkpoint_sha256") != checkpoint_sha256(manifest):
+        raise CheckpointError(f"{directory}: manifest digest does not match its file list")
+    if reload is not None:
+        try:
+            reload(directory)
+        except Exception as exc:  # any loader failure means the checkpoint is unusable
+            raise CheckpointError(f"{directory}: does not reload: {exc}") from exc
+    return manifest
+
+
+def staging_dir(root: Path, name: str) -> Path:
+    """A fresh hidden directory beside the final place (same filesystem, so the rename is atomic)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".staging-{name}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+def publish(staging: Path, root: Path, name: str, info: dict, reload: Callable[[Path], Any] | None = None,
+            keep_last: int = 3) -> tuple[Path, dict]:
+    """Write the manifest into ``staging``, verify it, rename it to ``root/name``, prune old ones."""
+    staging, root = Path(staging), Path(root)
+    write_manifest(staging, {**info, "name": name})
+    manifest = verify_checkpoint(staging, reload)
+    final = root / name
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; checkpoints are never overwritten")
+    os.replace(staging, final)
+    prune(root, keep_last)
+    return final, manifest
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Published checkpoints (a manifest present, not staging), oldest first."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists():
+            try:
+                found.append((read_manifest(p).get("created_at", ""), p.name, p))
+            except CheckpointError:
+                continue
+    return [p for _, _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def prune(root: Path, keep_last: int, protect: set[Path] | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (and leftover staging directories),
+    never touching ``protect`` (e.g. the live release)."""
+    protect = {Path(p).resolve() for p in (protect or set())}
+    removed = []
+    ckpts = list_checkpoints(root)
+    for p in ckpts[: max(len(ckpts) - keep_last, 0)]:
+        if p.resolve() not in protect:
+            shutil.rmtree(p)
+            removed.append(p)
+    for p in Path(root).glob(".staging-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return removed

@@ -1,0 +1,100 @@
+"""Model and tokenizer factory: a local Hugging Face directory, or a small Llama built from a config
+with a byte-level BPE tokenizer trained locally on the training texts. Nothing is downloaded.
+
+The chat template wraps assistant turns in ``{% generation %}`` markers, so trl's assistant-only loss
+trains on answers only. Mix rows become ``messages`` (system, user, assistant) here, in one place,
+for training and (later) evaluation alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from sleep_pipeline.train.recipe import ModelSpec, TokenizerSpec
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] }}<|end|>"
+    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}<|end|>"
+    "{% else %}<|assistant|>{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def row_messages(row: dict) -> list[dict]:
+    """A mix row as chat messages; the assistant turn is the target."""
+    messages = []
+    if row.get("system"):
+        messages.append({"role": "system", "content": row["system"]})
+    messages.append({"role": "user", "content": row["prompt"]})
+    messages.append({"role": "assistant", "content": row["response"]})
+    return messages
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec):
+    """A byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=1 << 20,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template or "generation" not in tok.chat_template:
+        # Assistant-only loss needs the generation markers; a model without them gets ours.
+        tok.chat_template = CHAT_TEMPLATE if tok.bos_token else CHAT_TEMPLATE.replace("{{ bos_token }}", "")
+    return tok
+
+
+def build_model(spec: ModelSpec, tokenizer, seed: int):
+    """The model to train: loaded from a local directory (safetensors only), or a fresh small Llama."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if spec.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, use_safetensors=True,
+                                                     dtype=torch.float32)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    cfg = dict(spec.config or {})
+    cfg.pop("architecture", None)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **cfg,
+    )
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,68 @@
+"""The checkpoint contract: atomic publish, verified manifest, no pickles, last N kept."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sleep_pipeline.checkpoint import (
+    CheckpointError, latest_checkpoint, list_checkpoints, publish, staging_dir, verify_checkpoint,
+)
+
+
+def _stage(root, name, value=1.0):
+    stage = staging_dir(root, name)
+    save_file({"w": torch.full((4,), value)}, str(stage / "model.safetensors"))
+    (stage / "config.json").write_text(json.dumps({"value": value}))
+    return stage
+
+
+def test_publish_verifies_and_renames(tmp_path):
+    final, manifest = publish(_stage(tmp_path, "a"), tmp_path, "a", {"steps": 3})
+    assert final == tmp_path / "a" and (final / "manifest.json").exists()
+    assert manifest["steps"] == 3 and set(manifest["files"]) == {"model.safetensors", "config.json"}
+    assert verify_checkpoint(final)["checkpoint_sha256"] == manifest["checkpoint_sha256"]
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_tampering_and_partial_directories_are_detected(tmp_path):
+    final, _ = publish(_stage(tmp_path, "a"), tmp_path, "a", {})
+    (final / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify_checkpoint(final)
+    partial = tmp_path / "b"
+    partial.mkdir()
+    save_file({"w": torch.zeros(2)}, str(partial / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        verify_checkpoint(partial)
+    staged = _stage(tmp_path, "c")  # never published: not listed
+    assert list_checkpoints(tmp_path) == [final]
+    assert staged.exists()
+
+
+def test_pickles_are_refused(tmp_path):
+    stage = _stage(tmp_path, "p")
+    torch.save({"w": torch.zeros(1)}, stage / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        publish(stage, tmp_path, "p", {})
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_checkpoint_that_does_not_reload_is_not_published(tmp_path):
+    def reload(_):
+        raise OSError("truncated tensor")
+
+    with pytest.raises(CheckpointError, match="does not reload"):
+        publish(_stage(tmp_path, "r"), tmp_path, "r", {}, reload=reload)
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_only_the_last_n_are_kept(tmp_path):
+    import time
+
+    for i in range(4):
+        publish(_stage(tmp_path, f"c{i}", i), tmp_path, f"c{i}", {}, keep_last=2)
+        time.sleep(0.01)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["c2", "c3"]
+    assert latest_checkpoint(tmp_path).name == "c3"

@@ -1,0 +1,174 @@
+"""Learn on DeepSpeed: the launcher command, the worker, resume after SIGKILL, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from resources.deepspeed import DeepSpeedClusterResource
+from sleep_pipeline.checkpoint import verify_checkpoint
+from sleep_pipeline.config import RecipeError
+from sleep_pipeline.train.recipe import load_train_recipe
+from tests.conftest import RECIPES, ROOT
+
+WORKER = "sleep_pipeline.train.worker"
+TINY_MODEL = {"architecture": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+
+
+def tiny_recipe(tmp_path: Path, **training) -> Path:
+    """recipes/learn.yaml with a smaller model and a few steps."""
+    recipe = yaml.safe_load((RECIPES / "learn.yaml").read_text())
+    (tmp_path / "tiny_model.yaml").write_text(yaml.safe_dump(TINY_MODEL))
+    recipe["model"] = {"config": "tiny_model.yaml"}
+    recipe["tokenizer"]["vocab_size"] = 512
+    recipe["training"].update({"max_steps": 12, "eval_steps": 6, "save_steps": 6, "logging_steps": 2,
+                               "micro_batch_size": 4, "max_seq_len": 256, "learning_rate": 3e-3, **training})
+    path = tmp_path / "learn.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_mix(tmp_path_factory, generated_sources) -> Path:
+    """A train/validation split of real generated items, small enough for a quick run."""
+    rows = [json.loads(line) for line in (generated_sources / "sources" / "curated_tasks.jsonl").read_text().splitlines()]
+    rows = [{"record_id": r["id"], "system": "", "prompt": r["prompt"], "response": r["response"]} for r in rows
+            if len(r["prompt"]) < 300][:360]
+    d = tmp_path_factory.mktemp("mix")
+    for name, part in (("train", rows[:320]), ("validation", rows[320:])):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return d
+
+
+def launch(args: list[str], num_gpus: int = 2, wait: bool = True, **popen):
+    res = DeepSpeedClusterResource(num_gpus=num_gpus)
+    cmd = res.build_command(WORKER, args, master_port=_free_port())
+    env = {**res.launch_env(), "PYTHONPATH": str(ROOT)}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_args(recipe, mix, run, out, *extra):
+    return ["--recipe", str(recipe), "--data-dir", str(mix), "--run-dir", str(run), "--out-root", str(out),
+            "--data-version", "dv-test", *extra]
+
+
+# ------------------------------------------------------------------------------------- unit
+def test_multi_node_command_is_what_deepspeed_expects():
+    res = DeepSpeedClusterResource(accelerator="cuda", num_gpus=8, num_nodes=2, hostfile="/etc/ds/hostfile",
+                                   master_addr="10.0.0.1", master_port=29500, launcher="slurm",
+                                   launcher_args="--partition=gpu --time=02:00:00", deepspeed_bin="deepspeed")
+    assert res.build_command(WORKER, ["--recipe", "r.yaml"]) == [
+        "deepspeed", "--hostfile", "/etc/ds/hostfile", "--num_nodes", "2", "--num_gpus", "8",
+        "--master_addr", "10.0.0.1", "--master_port", "29500", "--launcher", "slurm",
+        "--launcher_args", "--partition=gpu --time=02:00:00", "--module", WORKER, "--recipe", "r.yaml",
+    ]
+    local = DeepSpeedClusterResource(deepspeed_bin="deepspeed")
+    assert local.build_command(WORKER, [], master_port=1234) == [
+        "deepspeed", "--num_gpus", "2", "--master_port", "1234", "--module", WORKER]
+    assert local.launch_env()["DS_ACCELERATOR"] == "cpu" and local.launch_env()["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(ValueError, match="hostfile"):
+        DeepSpeedClusterResource(num_nodes=2).build_command(WORKER, [])
+    with pytest.raises(ValueError, match="launcher"):
+        DeepSpeedClusterResource(launcher="ssh-magic").build_command(WORKER, [])
+
+
+def test_secrets_reach_the_environment_not_the_command_line(monkeypatch):
+    import dagster as dg
+
+    monkeypatch.setenv("CLUSTER_TOKEN", "s3cr3t")
+    res = DeepSpeedClusterResource(env={"CLUSTER_TOKEN": dg.EnvVar("CLUSTER_TOKEN")}, deepspeed_bin="deepspeed")
+    bound = res.process_config_and_initialize()
+    assert bound.launch_env()["CLUSTER_TOKEN"] == "s3cr3t"
+    assert "s3cr3t" not in " ".join(bound.build_command(WORKER, []))
+
+
+def test_bad_recipes_name_the_field(tmp_path):
+    path = tiny_recipe(tmp_path)
+    for edit, field in [
+        (lambda r: r["training"].update({"precision": "fp8"}), "training.precision"),
+        (lambda r: r["training"].update({"max_stpes": 3}), "training.max_stpes"),
+        (lambda r: r["deepspeed"].update({"zero_stage": 4}), "deepspeed.zero_stage"),
+        (lambda r: r.update({"model": {"path": str(tmp_path / "no-such-model")}}), "model.path"),
+        (lambda r: r.update({"model": {}}), "model"),
+    ]:
+        recipe = yaml.safe_load(path.read_text())
+        edit(recipe)
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(recipe))
+        with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+            load_train_recipe(bad)
+
+
+# ---------------------------------------------------------------------------------- worker runs
+def test_missing_model_directory_is_a_clear_error(tmp_path, small_mix):
+    recipe = yaml.safe_load(tiny_recipe(tmp_path).read_text())
+    recipe["model"] = {"path": str(tmp_path / "missing-model")}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    proc = launch(_worker_args(bad, small_mix, tmp_path / "run", tmp_path / "out"), num_gpus=1)
+    assert proc.returncode != 0
+    assert "model.path" in proc.stdout + proc.stderr and "not a Hugging Face model directory" in proc.stdout + proc.stderr
+
+
+def test_two_rank_run_lowers_validation_loss_and_publishes(tmp_path, small_mix):
+    proc = launch(_worker_args(tiny_recipe(tmp_path), small_mix, tmp_path / "run", tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    [ckpt] = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
+    manifest = verify_checkpoint(ckpt)
+    assert manifest["engine"] == "DeepSpeedEngine" and manifest["world_size"] == 2
+    assert manifest["steps"] == 12 and manifest["tokens"] > 0
+    # pinned tolerance: a dozen steps at this learning rate take at least 1.0 nat off the validation loss
+    assert manifest["validation_loss"] < manifest["initial_validation_loss"] - 1.0
+    assert any(name.endswith(".safetensors") for name in manifest["files"])
+    assert "step 12/12" in proc.stdout
+
+
+def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(tmp_path, small_mix):
+    recipe = tiny_recipe(tmp_path, max_steps=24, save_steps=6, eval_steps=24)
+    run, out = tmp_path / "run", tmp_path / "out"
+    proc = launch(_worker_args(recipe, small_mix, run, out), wait=False)
+    deadline = time.monotonic() + 600
+    marker = run / "trainer" / "checkpoint-6" / "COMPLETE.json"
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
+    proc.wait()
+    assert not list(out.glob("learn-*")), "a killed run must not publish"
+
+    second = launch(_worker_args(recipe, small_mix, run, out))
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert "resumed from checkpoint-" in second.stdout
+    [ckpt] = list(out.glob("learn-*"))
+    manifest = verify_checkpoint(ckpt)
+    assert manifest["resumed_from"].startswith("checkpoint-") and int(manifest["resumed_from"].split("-")[1]) >= 6
+    assert manifest["steps"] == 24
+
+
+def test_expected_resume_without_a_complete_checkpoint_fails_loudly(tmp_path, small_mix):
+    run = tmp_path / "run"
+    (run / "trainer" / "checkpoint-6" / "global_step6").mkdir(parents=True)
+    (run / "trainer" / "checkpoint-6" / "latest").write_text("global_step6")  # what DeepSpeed leaves; no marker
+    (run / "run_state.json").write_text(json.dumps({"status": "running", "last_complete_step": 6}))
+    proc = launch(_worker_args(tiny_recipe(tmp_path), small_mix, run, tmp_path / "out"), num_gpus=1)
+    assert proc.returncode != 0
+    assert "refusing to restart from step 0" in proc.stdout + proc.stderr
