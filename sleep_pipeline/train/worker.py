@@ -241,7 +241,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> dict:
                 return
             now = time.monotonic()
             step = state.global_step
-            tokens = float(logs.get("num_tokens", state.num_input_tokens_seen or 0) or 0)
+            tokens = float(state.num_input_tokens_seen or 0)  # all ranks, padding excluded
             if self.tokens0 is None:
                 self.tokens0, self.tokens_t0 = tokens, now
             done = max(step - (self.step0 or 0), 1)
@@ -249,7 +249,8 @@ def run(args: argparse.Namespace, reporter: Reporter) -> dict:
             tok_s = (tokens - self.tokens0) / max(now - self.tokens_t0, 1e-9) if tokens > self.tokens0 else 0.0
             row = {"step": step, "max_steps": state.max_steps, "elapsed_s": round(now - start, 2),
                    "tokens_per_s": round(tok_s, 1), "eta_s": round(eta, 1)}
-            for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens"):
+            row["tokens"] = int(tokens)
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     row[key] = float(logs[key])
             history.append(row)
@@ -315,7 +316,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataset_num_proc=None,
-        include_num_input_tokens_seen=True,
+        include_num_input_tokens_seen="non_padding",
     )
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[Progress()])
