@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -138,6 +139,9 @@ def main() -> None:
     args = ap.parse_args()
     import statistics
 
+    # The launched ranks inherit stdout; send everything but the final JSON to stderr.
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     with tempfile.TemporaryDirectory() as tmp:
         recipes, storage = prepare(Path(tmp), args.steps)
         a_runs, b_runs = [], []
@@ -159,7 +163,9 @@ def main() -> None:
         "target_ratio": TARGET_RATIO,
         "pass": a / b >= TARGET_RATIO,
     }
-    print(json.dumps(report, indent=2))
+    sys.stdout.flush()
+    json_out.write(json.dumps(report, indent=2) + "\n")
+    json_out.flush()
 
 
 if __name__ == "__main__":

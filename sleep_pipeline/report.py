@@ -32,6 +32,14 @@ def main() -> int:
         m = json.loads(version[0])
         print(f"  data version {m['version_id']} (parent {m['parent_version']}): {m['total']:,} examples {m['counts']['per_split']}")
         print(f"  train file: {m['files']['train']}")
+    from sleep_pipeline.checkpoint import latest_checkpoint, read_manifest
+
+    ckpt = latest_checkpoint(root / "checkpoints" / "learn")
+    if ckpt:
+        m = read_manifest(ckpt)
+        print(f"  learn checkpoint {ckpt}: {m['steps']} steps, {m['tokens']:,} tokens on {m['world_size']} ranks "
+              f"({m['engine']}, ZeRO-{m['zero_stage']}) in {m['wall_time_s']:.0f}s; "
+              f"validation loss {m['initial_validation_loss']} -> {m['validation_loss']}")
     print(f"  database: {db}")
     print("  browse lineage and metadata: DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   (http://127.0.0.1:3000)")
     return 0

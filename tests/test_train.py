@@ -172,3 +172,25 @@ def test_expected_resume_without_a_complete_checkpoint_fails_loudly(tmp_path, sm
     proc = launch(_worker_args(tiny_recipe(tmp_path), small_mix, run, tmp_path / "out"), num_gpus=1)
     assert proc.returncode != 0
     assert "refusing to restart from step 0" in proc.stdout + proc.stderr
+
+
+def test_lora_on_a_local_model_directory(tmp_path, small_mix):
+    """Fine-tune a local Hugging Face directory (its own tokenizer) with a LoRA adapter."""
+    base_out = tmp_path / "base"
+    first = launch(_worker_args(tiny_recipe(tmp_path, max_steps=4, eval_steps=4, save_steps=4), small_mix,
+                                tmp_path / "run0", base_out), num_gpus=1)
+    assert first.returncode == 0, first.stdout[-3000:]
+    [base] = list(base_out.glob("learn-*"))
+
+    recipe = yaml.safe_load(tiny_recipe(tmp_path, max_steps=6, eval_steps=6, save_steps=6).read_text())
+    recipe["model"] = {"path": str(base)}
+    recipe["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    second = launch(_worker_args(path, small_mix, tmp_path / "run1", tmp_path / "out"))
+    assert second.returncode == 0, second.stdout[-4000:]
+    [ckpt] = list((tmp_path / "out").glob("learn-*"))
+    manifest = verify_checkpoint(ckpt)
+    assert manifest["lora"] is True and manifest["base_model"] == str(base)
+    assert "adapter_model.safetensors" in manifest["files"] and "model.safetensors" not in manifest["files"]
+    assert manifest["validation_loss"] <= manifest["initial_validation_loss"]

@@ -72,10 +72,6 @@ class Reporter:
         if self.pipes:
             self.pipes.report_asset_materialization(metadata=metadata)
 
-    @property
-    def extras(self) -> dict:
-        return dict(self.pipes.extras) if self.pipes else {}
-
     def close(self) -> None:
         self._stack.close()
 
@@ -225,16 +221,13 @@ def run(args: argparse.Namespace, reporter: Reporter) -> dict:
         def on_train_begin(self, args_, state, control, **kw):
             self.step0 = state.global_step
             self.t0 = time.monotonic()
-            engine = kw.get("model")
             if resume_from is not None or state.global_step > 0:
-                ds_engine = trainer.model_wrapped
-                ds_step = getattr(ds_engine, "global_steps", None)
+                ds_step = getattr(trainer.model_wrapped, "global_steps", None)
                 # DeepSpeed's load_checkpoint returns (None, None) when it loads nothing: compare steps.
                 if ds_step != state.global_step or state.global_step == 0:
                     raise WorkerError(f"resume from {resume_from} did not restore the optimizer state "
                                       f"(DeepSpeed step {ds_step}, trainer step {state.global_step})", EXIT_NO_RESUME)
                 reporter.info(f"resumed from {Path(resume_from).name if resume_from else '?'} at step {state.global_step}")
-            del engine
 
         def on_log(self, args_, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
