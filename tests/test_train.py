@@ -194,3 +194,15 @@ def test_lora_on_a_local_model_directory(tmp_path, small_mix):
     assert manifest["lora"] is True and manifest["base_model"] == str(base)
     assert "adapter_model.safetensors" in manifest["files"] and "model.safetensors" not in manifest["files"]
     assert manifest["validation_loss"] <= manifest["initial_validation_loss"]
+
+
+def test_time_limit_stops_saves_and_publishes(tmp_path, small_mix):
+    recipe = tiny_recipe(tmp_path, max_steps=100_000, max_time_s=35, eval_steps=100_000, save_steps=100_000)
+    proc = launch(_worker_args(recipe, small_mix, tmp_path / "run", tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "time limit 35s reached" in proc.stdout
+    [ckpt] = list((tmp_path / "out").glob("learn-*"))
+    manifest = verify_checkpoint(ckpt)
+    assert 0 < manifest["steps"] < 100_000
+    # the stop also left a complete resume point
+    assert (tmp_path / "run" / "trainer" / f"checkpoint-{manifest['steps']}" / "COMPLETE.json").exists()
