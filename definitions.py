@@ -14,6 +14,7 @@ import dagster as dg
 
 from assets.data import build_data_assets
 from assets.learn import trained_checkpoint
+from assets.release import rollback_release
 from resources.deepspeed import DeepSpeedClusterResource
 from resources.storage import DataRecipeResource, StorageResource, TrainRecipeResource
 from schedules.jobs import sleep_cycle_job
@@ -32,7 +33,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     return dg.Definitions(
         assets=[*assets, trained_checkpoint],
         asset_checks=checks,
-        jobs=[sleep_cycle_job],
+        jobs=[sleep_cycle_job, rollback_release],
         resources={
             "storage": StorageResource(root_dir=str(storage_dir)),
             "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),

@@ -81,6 +81,39 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _home(args: argparse.Namespace) -> Path:
+    import os
+
+    return Path(args.home or os.environ.get("SLEEP_PIPELINE_HOME") or Path.cwd() / ".sleep_pipeline")
+
+
+def cmd_release_list(args: argparse.Namespace) -> int:
+    from sleep_pipeline.release import registry
+
+    db = _home(args) / "sleep.duckdb"
+    current = registry.live(db)
+    rows = registry.list_releases(db)
+    if not rows:
+        print("no releases yet")
+        return 0
+    print(f"{'':2}{'version':8} {'created':19} {'data version':22} {'gate report':14} checkpoint")
+    for r in rows:
+        mark = "* " if current and r.version == current.version else "  "
+        print(f"{mark}{r.version:8} {str(r.created_at)[:19]:19} {r.data_version:22} {r.gate_report_id:14} {r.checkpoint_path}")
+    print("(* = live)")
+    return 0
+
+
+def cmd_release_rollback(args: argparse.Namespace) -> int:
+    from sleep_pipeline.release import registry
+
+    db = _home(args) / "sleep.duckdb"
+    before = registry.live(db)
+    rel = registry.rollback(db, args.version, reason=args.reason)
+    print(f"live: {before.version if before else None} -> {rel.version} ({rel.checkpoint_path})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sleep-pipeline", description="Sleep-cycle pipeline tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scrub-pii", action="store_true", help="replace e-mails, phone numbers, IPs, cards and keys")
     d.add_argument("--quiet", action="store_true", help="no progress lines")
     d.set_defaults(func=cmd_dedup)
+
+    rel = sub.add_parser("release", help="The release registry: list releases, roll back / hot switch.")
+    rel_sub = rel.add_subparsers(dest="release_command", required=True)
+    ls = rel_sub.add_parser("list", help="all releases; * marks the live one")
+    ls.add_argument("--home", help="storage dir (default: $SLEEP_PIPELINE_HOME or ./.sleep_pipeline)")
+    ls.set_defaults(func=cmd_release_list)
+    rb = rel_sub.add_parser("rollback", help="make VERSION live (default: the release before the live one)")
+    rb.add_argument("version", nargs="?", default=None)
+    rb.add_argument("--reason", default="manual rollback")
+    rb.add_argument("--home", help="storage dir (default: $SLEEP_PIPELINE_HOME or ./.sleep_pipeline)")
+    rb.set_defaults(func=cmd_release_rollback)
     return parser
 
 
@@ -107,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, SourceError, ValueError) as exc:
+    except (RecipeError, SourceError, ValueError, RuntimeError) as exc:
         print(f"sleep-pipeline: error: {exc}", file=sys.stderr)
         return 2
 

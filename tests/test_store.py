@@ -21,12 +21,18 @@ def _hold(path, seconds, ready):
     con.close()
 
 
-def test_second_process_waits_for_the_lock_then_writes(tmp_path):
-    db = tmp_path / "x.duckdb"
+def _start_holder(db, seconds):
+    """Another process that holds the database file open for ``seconds``."""
     ready = CTX.Event()
-    holder = CTX.Process(target=_hold, args=(db, 2.0, ready))
+    holder = CTX.Process(target=_hold, args=(db, seconds, ready))
     holder.start()
     assert ready.wait(30)
+    return holder
+
+
+def test_second_process_waits_for_the_lock_then_writes(tmp_path):
+    db = tmp_path / "x.duckdb"
+    holder = _start_holder(db, 2.0)
     with pytest.raises(duckdb.IOException, match="lock"):  # the raw failure we guard against
         duckdb.connect(str(db))
     start = time.monotonic()
@@ -41,10 +47,7 @@ def test_second_process_waits_for_the_lock_then_writes(tmp_path):
 
 def test_gives_up_with_a_clear_error(tmp_path):
     db = tmp_path / "x.duckdb"
-    ready = CTX.Event()
-    holder = CTX.Process(target=_hold, args=(db, 3.0, ready))
-    holder.start()
-    assert ready.wait(30)
+    holder = _start_holder(db, 3.0)
     with pytest.raises(DatabaseBusyError, match="stayed locked"):
         with connect(db, wait_s=0.5):
             pass
