@@ -1,0 +1,104 @@
+"""The model card every cycle writes: a Hugging Face README.md with YAML front matter.
+
+Front matter: ``base_model``, ``datasets``, ``tags``, ``license`` and a ``model-index`` holding every
+gate metric (the format the Hub reads). Body: the decision, lineage (source checkpoint, data version,
+recipe hashes), a metrics table with thresholds, standard errors and deltas against the previous
+release, and the risk list. The same text is shown as Markdown metadata in the UI and saved beside the
+weights, so cards of successive cycles compare line by line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    suite: str  # e.g. "reasoning_planning", "safety"
+    metric: str  # e.g. "multi_step_success", "jailbreak_trigger_rate"
+    value: float
+    stderr: float | None = None
+    threshold: float | None = None
+    higher_is_better: bool = True
+    previous: float | None = None  # the live release's value
+    passed: bool | None = None
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.previous is None else self.value - self.previous
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    name: str
+    version: str
+    decision: str  # "released" / "rejected: ..." / "rolled back"
+    base_model: str
+    data_version: str
+    datasets: list[str]
+    lineage: dict[str, str]
+    metrics: list[MetricRow]
+    risks: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=lambda: ["sleep-pipeline", "text-generation"])
+    license: str = "apache-2.0"
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def front_matter(facts: CardFacts) -> dict:
+    results = []
+    for suite in dict.fromkeys(m.suite for m in facts.metrics):
+        rows = [m for m in facts.metrics if m.suite == suite]
+        results.append({
+            "task": {"type": "text-generation", "name": suite.replace("_", " ")},
+            "dataset": {"type": "sleep-pipeline/gate-suites", "name": suite, "split": "test"},
+            "metrics": [{"type": m.metric, "name": m.metric.replace("_", " "), "value": round(float(m.value), 6),
+                         "verified": False} for m in rows],
+        })
+    return {
+        "base_model": facts.base_model,
+        "datasets": list(facts.datasets),
+        "tags": list(facts.tags),
+        "license": facts.license,
+        "model-index": [{"name": facts.name, "results": results}],
+    }
+
+
+def render(facts: CardFacts) -> str:
+    fm = yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True)
+    lines = [
+        "---", fm.rstrip(), "---", "",
+        f"# {facts.name} {facts.version}", "",
+        f"**Decision:** {facts.decision}", "",
+        "## Lineage", "",
+        "| | |", "|---|---|",
+        f"| base model | {facts.base_model} |",
+        f"| data version | {facts.data_version} |",
+        *[f"| {k} | {v} |" for k, v in facts.lineage.items()],
+        "",
+        "## Metrics", "",
+        "| suite | metric | value | ± stderr | threshold | previous | delta | pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in facts.metrics:
+        bound = "—" if m.threshold is None else ("≥ " if m.higher_is_better else "≤ ") + _fmt(m.threshold)
+        verdict = "—" if m.passed is None else ("yes" if m.passed else "**no**")
+        lines.append(f"| {m.suite} | {m.metric} | {_fmt(m.value)} | {_fmt(m.stderr)} | {bound} | "
+                     f"{_fmt(m.previous)} | {_fmt(m.delta, signed=True)} | {verdict} |")
+    lines += ["", "## Risks", ""]
+    lines += [f"- {r}" for r in facts.risks] or ["- none recorded"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_front_matter(card: str) -> dict:
+    """The YAML front matter of a model card (raises ValueError when there is none)."""
+    if not card.startswith("---\n"):
+        raise ValueError("a model card starts with '---' and YAML front matter")
+    end = card.index("\n---\n", 4)
+    return yaml.safe_load(card[4:end])
