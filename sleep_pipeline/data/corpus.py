@@ -11,6 +11,7 @@ writes ``deduped_corpus``. The accounting is checked, not assumed: records in = 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,8 +167,6 @@ def clean_and_dedup(rows: list[dict], quality: QualityConfig, dedup_config: Dedu
 
 
 def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: LogFn | None = None) -> CorpusSummary:
-    import time
-
     start = time.perf_counter()
     names = [s.name for s in recipe.sources]
     with connect(db_path) as con:
