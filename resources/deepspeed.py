@@ -107,7 +107,8 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
             message_reader=dg.PipesTempFileMessageReader(),
             extras=extras or {},
         ) as session:
-            env = {**self.launch_env(), **session.get_bootstrap_env_vars()}
+            # The ranks watch this process: if it is killed outright they stop too.
+            env = {**self.launch_env(), **session.get_bootstrap_env_vars(), "SLEEP_PIPELINE_WATCH_PID": str(os.getpid())}
             # Own session = own process group: the launcher and every rank can be signalled together.
             proc = subprocess.Popen(cmd, env=env, start_new_session=True)
             try:

@@ -74,11 +74,52 @@ def test_cancelling_the_run_leaves_no_rank_alive(recipes_dir, storage, tmp_path)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C and a run termination deliver
     proc.wait(120)
     time.sleep(2)
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
+    alive = [p for p in pids if _alive(p)]
     assert not alive, f"ranks still running after the run was cancelled: {alive}"
+
+
+def test_ranks_stop_when_the_launching_process_is_killed_outright(tmp_path, recipes_dir):
+    """SIGKILL gives the launching side no chance to clean up; the ranks notice and exit."""
+    from tests.test_train import _free_port
+
+    _shrink_learn(recipes_dir, max_steps=5000, save_steps=5000, eval_steps=5000, logging_steps=5000)
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": str(2 * i)} for i in range(200)]
+    for name in ("train", "validation"):
+        (mix / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import os, subprocess, sys, time
+from resources.deepspeed import DeepSpeedClusterResource
+res = DeepSpeedClusterResource()
+cmd = res.build_command("sleep_pipeline.train.worker", ["--recipe", {str(recipes_dir / 'learn.yaml')!r}, "--data-dir", {str(mix)!r},
+      "--run-dir", {str(run)!r}, "--out-root", {str(tmp_path / 'out')!r}], master_port={_free_port()})
+subprocess.Popen(cmd, env={{**res.launch_env(), "SLEEP_PIPELINE_WATCH_PID": str(os.getpid())}}, start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(3600)
+"""], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 300
+    while len(list(run.glob("pids/rank*.pid"))) < 2:
+        assert time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.5)
+    pids = [int(p.read_text()) for p in run.glob("pids/rank*.pid")]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(1)
+        alive = [p for p in pids if _alive(p)]
+    assert not alive, f"ranks outlived their launching process: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

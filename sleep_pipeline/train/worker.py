@@ -31,6 +31,7 @@ COMPLETE = "COMPLETE.json"
 STATE = "run_state.json"
 EXIT_BAD_INPUT = 2
 EXIT_NO_RESUME = 3
+EXIT_ORPHANED = 4
 
 
 class WorkerError(RuntimeError):
@@ -77,6 +78,34 @@ class Reporter:
 
 
 # ------------------------------------------------------------------------------------ helpers
+WATCH_PID_ENV = "SLEEP_PIPELINE_WATCH_PID"
+
+
+def watch_parent(poll_s: float = 2.0) -> None:
+    """Exit when the process that launched the run (``$SLEEP_PIPELINE_WATCH_PID``) is gone.
+
+    Interrupts are handled by the launching side, which terminates the whole process group; this
+    covers the case where that side is killed outright and cannot. One rank exiting makes the
+    DeepSpeed launcher stop the others."""
+    pid = int(os.environ.get(WATCH_PID_ENV, "0") or 0)
+    if pid <= 0:
+        return
+    import threading
+
+    def loop():
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(f"launching process {pid} is gone: stopping this rank", file=sys.stderr, flush=True)
+                os._exit(EXIT_ORPHANED)
+            except PermissionError:
+                pass  # alive, owned by someone else
+            time.sleep(poll_s)
+
+    threading.Thread(target=loop, name="watch-parent", daemon=True).start()
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -404,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    watch_parent()
     reporter = Reporter(rank)
     try:
         run(args, reporter)
