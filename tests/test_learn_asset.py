@@ -104,6 +104,7 @@ time.sleep(3600)
         assert time.monotonic() < deadline, "the ranks never started"
         time.sleep(0.5)
     pids = [int(p.read_text()) for p in run.glob("pids/rank*.pid")]
+    time.sleep(25)  # past start-up: a rank killed while loading a DeepSpeed op would leave its build lock
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 60

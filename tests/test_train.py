@@ -206,3 +206,17 @@ def test_time_limit_stops_saves_and_publishes(tmp_path, small_mix):
     assert 0 < manifest["steps"] < 100_000
     # the stop also left a complete resume point
     assert (tmp_path / "run" / "trainer" / f"checkpoint-{manifest['steps']}" / "COMPLETE.json").exists()
+
+
+def test_stale_extension_build_locks_are_cleared(tmp_path, monkeypatch):
+    from sleep_pipeline.train.worker import clear_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "fused_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_extension_locks() == [old]
+    assert not old.exists() and fresh.exists()  # a build in progress keeps its lock

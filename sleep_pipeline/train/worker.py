@@ -106,6 +106,28 @@ def watch_parent(poll_s: float = 2.0) -> None:
     threading.Thread(target=loop, name="watch-parent", daemon=True).start()
 
 
+STALE_LOCK_S = 900
+
+
+def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove torch-extension build locks left by a process killed while it held one.
+
+    DeepSpeed JIT-loads its ops through ``torch.utils.cpp_extension``, which serialises builds with a
+    lock file; a rank killed while holding it leaves the file behind and every later launch waits on
+    it forever. A real build takes minutes, so a lock older than ``max_age_s`` is stale."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    removed = []
+    for lock in root.glob("*/*/lock") if root.exists() else []:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"removed a stale build lock {lock}", file=sys.stderr, flush=True)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -434,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     watch_parent()
+    if rank == 0:
+        clear_stale_extension_locks()
     reporter = Reporter(rank)
     try:
         run(args, reporter)
