@@ -13,7 +13,7 @@ from resources.storage import DataRecipeResource, StorageResource
 from sleep_pipeline.config import DataRecipe, SourceConfig
 from sleep_pipeline.data.corpus import build_deduped_corpus, ingest_source
 from sleep_pipeline.data.mix import bucket_shares, check_bucket_ratios, latest_manifest, materialize_mix
-from sleep_pipeline.store import connect, ensure_schema
+from sleep_pipeline.store import connect, ensure_schema, latest_ingests
 
 DATA_GROUP = "learn_data"
 SOURCE_GROUP = "sources"
@@ -99,9 +99,7 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
         names = [s.name for s in data_recipe.load(storage).sources]
         with connect(storage.db_path) as con:
             ensure_schema(con)
-            lines_in = con.execute(
-                """SELECT coalesce(sum(lines_in), 0) FROM (SELECT *, row_number() OVER (PARTITION BY source ORDER BY ingested_at DESC) rn
-                   FROM source_ingests) WHERE rn = 1 AND source IN (SELECT unnest(?::VARCHAR[]))""", [names]).fetchone()[0]
+            lines_in = sum(lines for lines, _, _ in latest_ingests(con, names).values())
             kept = con.execute("SELECT count(*) FROM deduped_corpus").fetchone()[0]
             dups = con.execute("SELECT count(*) FROM duplicates").fetchone()[0]
             quarantined = con.execute(

@@ -28,7 +28,8 @@ class DeepSpeedLaunchError(RuntimeError):
     """The launcher or a rank exited with an error."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for the rendezvous of one launch)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -98,7 +99,7 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
     def run(self, context: dg.AssetExecutionContext, module: str, args: list[str],
             extras: Optional[dict[str, Any]] = None) -> list:
         """Launch, stream, wait; returns the Pipes results (the worker's reported materialisation)."""
-        port = self.master_port or _free_port()
+        port = self.master_port or free_port()
         cmd = self.build_command(module, args, master_port=port)
         context.log.info("launching: " + " ".join(cmd))
         with dg.open_pipes_session(

@@ -120,3 +120,14 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, columns, rows: list[
         con.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM _rows")
     finally:
         con.unregister("_rows")
+
+
+def latest_ingests(con: duckdb.DuckDBPyConnection, sources: list[str]) -> dict[str, tuple[int, int, str]]:
+    """The newest ingest of each named source: {source: (lines_in, quarantined, content_sha256)}."""
+    rows = con.execute(
+        """SELECT source, lines_in, quarantined, content_sha256 FROM (
+               SELECT *, row_number() OVER (PARTITION BY source ORDER BY ingested_at DESC) AS rn
+               FROM source_ingests) WHERE rn = 1 AND source IN (SELECT unnest(?::VARCHAR[]))""",
+        [sources],
+    ).fetchall()
+    return {s: (lines, q, sha) for s, lines, q, sha in rows}

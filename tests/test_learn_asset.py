@@ -80,7 +80,7 @@ def test_cancelling_the_run_leaves_no_rank_alive(recipes_dir, storage, tmp_path)
 
 def test_ranks_stop_when_the_launching_process_is_killed_outright(tmp_path, recipes_dir):
     """SIGKILL gives the launching side no chance to clean up; the ranks notice and exit."""
-    from tests.test_train import _free_port
+    from resources.deepspeed import free_port
 
     _shrink_learn(recipes_dir, max_steps=5000, save_steps=5000, eval_steps=5000, logging_steps=5000)
     mix = tmp_path / "mix"
@@ -94,7 +94,7 @@ import os, subprocess, sys, time
 from resources.deepspeed import DeepSpeedClusterResource
 res = DeepSpeedClusterResource()
 cmd = res.build_command("sleep_pipeline.train.worker", ["--recipe", {str(recipes_dir / 'learn.yaml')!r}, "--data-dir", {str(mix)!r},
-      "--run-dir", {str(run)!r}, "--out-root", {str(tmp_path / 'out')!r}], master_port={_free_port()})
+      "--run-dir", {str(run)!r}, "--out-root", {str(tmp_path / 'out')!r}], master_port={free_port()})
 subprocess.Popen(cmd, env={{**res.launch_env(), "SLEEP_PIPELINE_WATCH_PID": str(os.getpid())}}, start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 time.sleep(3600)

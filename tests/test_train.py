@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resources.deepspeed import DeepSpeedClusterResource
+from resources.deepspeed import DeepSpeedClusterResource, free_port
 from sleep_pipeline.checkpoint import verify_checkpoint
 from sleep_pipeline.config import RecipeError
 from sleep_pipeline.train.recipe import load_train_recipe
@@ -49,20 +49,12 @@ def small_mix(tmp_path_factory, generated_sources) -> Path:
 
 def launch(args: list[str], num_gpus: int = 2, wait: bool = True, **popen):
     res = DeepSpeedClusterResource(num_gpus=num_gpus)
-    cmd = res.build_command(WORKER, args, master_port=_free_port())
+    cmd = res.build_command(WORKER, args, master_port=free_port())
     env = {**res.launch_env(), "PYTHONPATH": str(ROOT)}
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, **popen)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_args(recipe, mix, run, out, *extra):

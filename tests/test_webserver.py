@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,16 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from resources.deepspeed import free_port
 from tests.conftest import ROOT
 
 QUERY = """{ assetNodes { assetKey { path } groupName dependencyKeys { path }
              assetChecksOrError { ... on AssetChecks { checks { name blocking } } } } }"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(port: int, query: str) -> dict:
@@ -31,7 +25,7 @@ def _graphql(port: int, query: str) -> dict:
 
 
 def test_ui_shows_each_source_upstream_of_the_corpus(recipes_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dh"), "SLEEP_PIPELINE_HOME": str(tmp_path / "storage"),
            "SLEEP_PIPELINE_RECIPES": str(recipes_dir)}
     (tmp_path / "dh").mkdir()

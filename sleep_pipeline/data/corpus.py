@@ -21,7 +21,7 @@ from sleep_pipeline.data.dedup import DedupResult, dedup
 from sleep_pipeline.data.generate import generate_source
 from sleep_pipeline.data.ingest import QuarantineRow, excerpt, read_source
 from sleep_pipeline.progress import LogFn, Progress
-from sleep_pipeline.store import connect, ensure_schema, insert_rows, utcnow
+from sleep_pipeline.store import connect, ensure_schema, insert_rows, latest_ingests, utcnow
 
 RECORD_COLUMNS = ("record_id", "source", "tier", "line_no", "bucket", "system", "prompt", "response", "meta")
 
@@ -171,11 +171,7 @@ def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: L
     names = [s.name for s in recipe.sources]
     with connect(db_path) as con:
         ensure_schema(con)
-        ingests = con.execute(
-            """SELECT source, lines_in, quarantined, content_sha256 FROM (
-                   SELECT *, row_number() OVER (PARTITION BY source ORDER BY ingested_at DESC) AS rn
-                   FROM source_ingests) WHERE rn = 1"""
-        ).fetchall()
+        ingest_by_source = latest_ingests(con, names)
         rows = con.sql(
             f"SELECT {', '.join(RECORD_COLUMNS)} FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))",
             params=[names],
@@ -184,7 +180,6 @@ def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: L
             "SELECT source, reason, count(*) FROM quarantine WHERE stage = 'ingest' AND source IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL",
             [names],
         ).fetchall()
-    ingest_by_source = {s: (lines, q, sha) for s, lines, q, sha in ingests}
     missing = [n for n in names if n not in ingest_by_source]
     if missing:
         raise RuntimeError(f"sources never ingested: {', '.join(missing)} (materialise their assets first)")
