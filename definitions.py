@@ -13,12 +13,14 @@ from pathlib import Path
 import dagster as dg
 
 from assets.data import build_data_assets
+from assets.gate import capability_gate, gate_report, gate_suites, gated_release, safety_gate
 from assets.learn import trained_checkpoint
 from assets.release import rollback_release
 from resources.deepspeed import DeepSpeedClusterResource
-from resources.storage import DataRecipeResource, StorageResource, TrainRecipeResource
-from schedules.jobs import sleep_cycle_job
+from resources.storage import DataRecipeResource, GateRecipeResource, StorageResource, TrainRecipeResource
+from schedules.jobs import SCHEDULES, sleep_cycle_job
 from sleep_pipeline.config import load_data_recipe
+from sleep_pipeline.gate.decide import load_gate_recipe
 from sleep_pipeline.train.recipe import load_train_recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -29,15 +31,18 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     storage_dir = Path(storage_dir or os.environ.get("SLEEP_PIPELINE_HOME") or PROJECT_ROOT / ".sleep_pipeline")
     recipe = load_data_recipe(recipes_dir, storage_dir)
     load_train_recipe(recipes_dir / "learn.yaml")  # validated now: a bad recipe stops the load
+    load_gate_recipe(recipes_dir / "gate.yaml")
     assets, checks = build_data_assets(recipe)
     return dg.Definitions(
-        assets=[*assets, trained_checkpoint],
-        asset_checks=checks,
+        assets=[*assets, trained_checkpoint, gate_suites, gate_report, gated_release],
+        asset_checks=[*checks, capability_gate, safety_gate],
         jobs=[sleep_cycle_job, rollback_release],
+        schedules=SCHEDULES,
         resources={
             "storage": StorageResource(root_dir=str(storage_dir)),
             "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),
             "learn_recipe": TrainRecipeResource(path=str(recipes_dir / "learn.yaml")),
+            "gate_recipe": GateRecipeResource(path=str(recipes_dir / "gate.yaml")),
             "deepspeed": DeepSpeedClusterResource(
                 accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),
                 num_gpus=int(os.environ.get("SLEEP_PIPELINE_NUM_GPUS", "2")),

@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from sleep_pipeline.config import DataRecipe, load_data_recipe
+from sleep_pipeline.gate.decide import GateRecipe, load_gate_recipe
 from sleep_pipeline.train.recipe import TrainRecipe, load_train_recipe
 
 
@@ -44,3 +45,12 @@ class TrainRecipeResource(dg.ConfigurableResource):
 
     def load(self) -> TrainRecipe:
         return load_train_recipe(self.path)
+
+
+class GateRecipeResource(dg.ConfigurableResource):
+    """The gate recipe (``recipes/gate.yaml``): suites, judge, noise, thresholds per rhythm."""
+
+    path: str
+
+    def load(self) -> GateRecipe:
+        return load_gate_recipe(self.path)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 MANIFEST = "manifest.json"
+CARD = "README.md"  # the model card beside the weights; documentation, not part of the digest
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -36,7 +37,10 @@ def sha256_file(path: Path) -> str:
 
 
 def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """The files the digest covers: everything but the manifest and the model card (README.md at the
+    top, rewritten when the gate decides and again on release)."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and p.relative_to(directory) != Path(CARD))
 
 
 def checkpoint_sha256(manifest: dict) -> str:

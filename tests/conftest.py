@@ -16,7 +16,7 @@ RECIPES = ROOT / "recipes"
 
 def copy_recipes(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("sources.yaml", "data.yaml", "learn.yaml"):
+    for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml"):
         shutil.copy(RECIPES / name, dest / name)
     shutil.copytree(RECIPES / "model", dest / "model", dirs_exist_ok=True)
     return dest

@@ -106,14 +106,14 @@ def test_blocking_ratio_check_stops_what_comes_after_the_mix(recipes_dir, storag
 
 
 def test_parallel_cli_run_shares_the_duckdb_file(recipes_dir, storage, tmp_path):
-    """The real `dagster job execute` (multiprocess executor): source steps write one DuckDB file at once."""
+    """The real `dagster asset materialize` (multiprocess executor): source steps write one DuckDB file at once."""
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dh"), "SLEEP_PIPELINE_HOME": str(storage),
            "SLEEP_PIPELINE_RECIPES": str(recipes_dir)}
     (tmp_path / "dh").mkdir()
     subprocess.run([str(Path(sys.executable).parent / "dagster"), "instance", "migrate"], env=env, check=True,
                    capture_output=True, cwd=ROOT)
-    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "definitions", "-j", "sleep_cycle"],
-                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "definitions",
+                           "--select", "*tiered_data_mix"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stderr
     db = duckdb.connect(str(storage / "sleep.duckdb"), read_only=True)

@@ -32,7 +32,8 @@ def test_trained_checkpoint_materialises_in_process_with_two_ranks(recipes_dir, 
     _shrink_learn(recipes_dir)
     defs = definitions.build_defs(recipes_dir, storage)
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources, instance=instance)
+    result = dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources, instance=instance,
+                            selection=dg.AssetSelection.assets("trained_checkpoint").upstream())
     assert result.success
     meta = result.asset_materializations_for_node("trained_checkpoint")[0].metadata
     ckpt = Path(meta["checkpoint"].value)

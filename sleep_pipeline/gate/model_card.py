@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 import yaml
 
 
+def beats(value: float, stderr: float | None, other: float | None, other_stderr: float | None,
+          higher_is_better: bool) -> bool | None:
+    """Better than ``other`` by more than the combined standard error (None when there is no other)."""
+    if other is None:
+        return None
+    gain = (value - other) if higher_is_better else (other - value)
+    return gain > ((stderr or 0.0) ** 2 + (other_stderr or 0.0) ** 2) ** 0.5
+
+
 @dataclass(frozen=True)
 class MetricRow:
     suite: str  # e.g. "reasoning_planning", "safety"
@@ -24,6 +33,13 @@ class MetricRow:
     higher_is_better: bool = True
     previous: float | None = None  # the live release's value
     passed: bool | None = None
+    base: float | None = None  # the untrained starting model's value
+    base_stderr: float | None = None
+    kind: str = "capability"  # capability | safety
+
+    @property
+    def beats_base(self) -> bool | None:
+        return beats(self.value, self.stderr, self.base, self.base_stderr, self.higher_is_better)
 
     @property
     def delta(self) -> float | None:
@@ -41,6 +57,7 @@ class CardFacts:
     lineage: dict[str, str]
     metrics: list[MetricRow]
     risks: list[str] = field(default_factory=list)
+    recommendation: str = ""
     tags: list[str] = field(default_factory=lambda: ["sleep-pipeline", "text-generation"])
     license: str = "apache-2.0"
 
@@ -76,6 +93,7 @@ def render(facts: CardFacts) -> str:
         "---", fm.rstrip(), "---", "",
         f"# {facts.name} {facts.version}", "",
         f"**Decision:** {facts.decision}", "",
+        *([f"**Recommendation:** {facts.recommendation}", ""] if facts.recommendation else []),
         "## Lineage", "",
         "| | |", "|---|---|",
         f"| base model | {facts.base_model} |",
@@ -83,14 +101,23 @@ def render(facts: CardFacts) -> str:
         *[f"| {k} | {v} |" for k, v in facts.lineage.items()],
         "",
         "## Metrics", "",
-        "| suite | metric | value | ± stderr | threshold | previous | delta | pass |",
-        "|---|---|---|---|---|---|---|---|",
+        "| check | suite | metric | value | ± stderr | threshold | previous | delta | pass |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in facts.metrics:
         bound = "—" if m.threshold is None else ("≥ " if m.higher_is_better else "≤ ") + _fmt(m.threshold)
         verdict = "—" if m.passed is None else ("yes" if m.passed else "**no**")
-        lines.append(f"| {m.suite} | {m.metric} | {_fmt(m.value)} | {_fmt(m.stderr)} | {bound} | "
+        lines.append(f"| {m.kind} | {m.suite} | {m.metric} | {_fmt(m.value)} | {_fmt(m.stderr)} | {bound} | "
                      f"{_fmt(m.previous)} | {_fmt(m.delta, signed=True)} | {verdict} |")
+    based = [m for m in facts.metrics if m.base is not None]
+    if based:
+        lines += ["", "## Against the untrained starting model", "",
+                  "Better by more than the combined standard error counts as a gain.", "",
+                  "| suite | metric | untrained | ± stderr | this model | ± stderr | gain beyond noise |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in based:
+            lines.append(f"| {m.suite} | {m.metric} | {_fmt(m.base)} | {_fmt(m.base_stderr)} | {_fmt(m.value)} | "
+                         f"{_fmt(m.stderr)} | {'yes' if m.beats_base else 'no'} |")
     lines += ["", "## Risks", ""]
     lines += [f"- {r}" for r in facts.risks] or ["- none recorded"]
     return "\n".join(lines) + "\n"

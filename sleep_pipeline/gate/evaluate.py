@@ -1,0 +1,116 @@
+"""Run the gate suites on a model through lm-eval's Python API.
+
+A checkpoint directory (full weights or a LoRA adapter, merged for evaluation) or an in-memory
+model + tokenizer (e.g. a quantised one) is wrapped in lm-eval's ``HFLM`` and evaluated task by task
+(so progress shows per task) with the suites' task definitions. Every metric comes back with its
+standard error (lm-eval's standard error of the mean over documents). Per-document results are kept
+so failing items can be replayed into training.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sleep_pipeline.gate.suites import PERPLEXITY, TASK_BY_NAME, TASKS
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float
+    stderr: float
+    n: int
+
+
+@dataclass
+class Evaluation:
+    scores: dict[str, dict[str, Score]]  # task -> metric -> score
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # task -> [{doc, response, metrics}]
+    seconds: float = 0.0
+    examples: int = 0
+
+    def to_json(self) -> dict:
+        return {"scores": {t: {m: [s.value, s.stderr, s.n] for m, s in ms.items()} for t, ms in self.scores.items()},
+                "seconds": self.seconds, "examples": self.examples}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Evaluation":
+        return cls({t: {m: Score(*v) for m, v in ms.items()} for t, ms in data["scores"].items()},
+                   seconds=data.get("seconds", 0.0), examples=data.get("examples", 0))
+
+
+def load_for_eval(path: Path):
+    """(model, tokenizer) from a checkpoint directory; a LoRA adapter is merged into its base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sleep_pipeline.train.modeling import load_tokenizer
+
+    path = Path(path)
+    tok = load_tokenizer(path)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, local_files_only=True).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                     dtype=torch.float32)
+    return model.eval(), tok
+
+
+def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None, limit: int | None = None,
+             batch_size: int = 32, max_length: int | None = None, log=None, judge_spec: str | None = None,
+             keep_samples: bool = True) -> Evaluation:
+    """Evaluate ``model`` on the suites in ``suites_dir`` (all tasks unless ``tasks``), ``limit`` docs each."""
+    os.environ.update(OFFLINE_ENV)
+    if judge_spec is not None:
+        from sleep_pipeline.gate import scoring
+        from sleep_pipeline.gate.judge import JUDGE_ENV
+
+        os.environ[JUDGE_ENV] = judge_spec
+        scoring._judge.cache_clear()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names = tasks or [t.name for t in TASKS]
+    max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device),
+              max_length=max_length)
+    manager = TaskManager(include_path=str(suites_dir), include_defaults=False)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    scores, samples, examples = {}, {}, 0
+    start = time.monotonic()
+    for k, name in enumerate(names, 1):
+        t0 = time.monotonic()
+        res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, apply_chat_template=chat,
+                                      limit=limit, bootstrap_iters=100, log_samples=True, verbosity="ERROR",
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        out, rows = res["results"][name], res["samples"][name]
+        spec = TASK_BY_NAME[name]
+        task_scores = {}
+        for m in spec.metrics:
+            stderr = out.get(f"{m.name}_stderr,none")
+            task_scores[m.name] = Score(float(out[f"{m.name},none"]),
+                                        float(stderr) if isinstance(stderr, (int, float)) else float("nan"), len(rows))
+        scores[name] = task_scores
+        examples += len(rows)
+        if keep_samples and spec.kind != PERPLEXITY:
+            samples[name] = [{"doc": s["doc"], "response": s["filtered_resps"][0],
+                              "metrics": {m.name: s[m.name] for m in spec.metrics if m.name in s}} for s in rows]
+        if log:
+            elapsed = time.monotonic() - start
+            eta = elapsed / k * (len(names) - k)
+            shown = ", ".join(f"{m} {s.value:.3f}±{s.stderr:.3f}" for m, s in task_scores.items())
+            log(f"eval {k}/{len(names)} {name}: {shown} ({len(rows)} docs, {time.monotonic() - t0:.1f}s, ETA {eta:.0f}s)")
+    return Evaluation(scores, samples, seconds=round(time.monotonic() - start, 2), examples=examples)
+
+
+def evaluate_checkpoint(path: Path, suites_dir: Path, **kwargs) -> Evaluation:
+    model, tok = load_for_eval(path)
+    return evaluate(model, tok, suites_dir, **kwargs)
