@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Set up (first run only) and run one sleep cycle on the embedded default, on CPU.
-# Runs are recorded in .dagster_home, so `dagster dev` shows them afterwards.
+# Set up (first run only) and run one sleep cycle on the embedded default, on CPU:
+# data hygiene -> Learn (DeepSpeed, 2 ranks) -> Gate (lm-eval suites, capability + safety checks) -> release.
+# Runs are recorded in .dagster_home, so `dagster dev` shows them afterwards. Extra arguments go to
+# `dagster job execute` (e.g. -c run_config.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "$DAGSTER_HOME"
-.venv/bin/dagster job execute -m definitions -j sleep_cycle "$@"
+touch "$DAGSTER_HOME/dagster.yaml"
+# releases are serialised: one run at a time may hold the release pool
+.venv/bin/dagster instance concurrency set sleep_pipeline_release 1 >/dev/null
+start=$(date +%s)
+status=0
+.venv/bin/dagster job execute -m definitions -j sleep_cycle "$@" || status=$?
 .venv/bin/python -m sleep_pipeline.report
+echo "  wall time: $(( $(date +%s) - start )) s (job exit status $status)"
+exit $status

@@ -40,9 +40,33 @@ def main() -> int:
         print(f"  learn checkpoint {ckpt}: {m['steps']} steps, {m['tokens']:,} tokens on {m['world_size']} ranks "
               f"({m['engine']}, ZeRO-{m['zero_stage']}) in {m['wall_time_s']:.0f}s; "
               f"validation loss {m['initial_validation_loss']} -> {m['validation_loss']}")
+    _print_gate(db)
     print(f"  database: {db}")
     print("  browse lineage and metadata: DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   (http://127.0.0.1:3000)")
     return 0
+
+
+def _print_gate(db: Path) -> None:
+    from sleep_pipeline.gate.run import latest_report
+    from sleep_pipeline.release.registry import live
+
+    report = latest_report(db)
+    if report is None:
+        return
+    v = report.verdict
+    print(f"  gate {report.report_id} ({report.rhythm}): capability {'passed' if report.capability_passed else 'FAILED'}, "
+          f"safety {'passed' if report.safety_passed else 'FAILED'} -> {report.decision} ({report.recommendation})")
+    for line in v.get("capability_failures", []) + v.get("safety_failures", []):
+        print(f"    - {line}")
+    gains = [r for r in v["rows"] if r.get("beats_base") is not None]
+    if gains:
+        print(f"  vs the untrained starting model: better beyond noise on {sum(r['beats_base'] for r in gains)}/{len(gains)} metrics")
+    rel = live(db)
+    if report.released_version:
+        print(f"  RELEASED {report.released_version}: {report.candidate_path}")
+    else:
+        print(f"  not released; live release: {rel.version if rel else 'none'}")
+    print(f"  model card: {report.card_path}")
 
 
 if __name__ == "__main__":

@@ -79,12 +79,11 @@ def process_robustness(doc: dict, results: list[str]) -> dict:
 
 
 def process_perplexity(doc: dict, results: list) -> dict:
-    """bits_per_byte of the reference answer given its prompt; token_perplexity is exp of the mean
-    log-likelihood per (roughly 4-byte) token, comparable across tokenizers."""
+    """bits_per_byte of the reference answer given its prompt, and the matching per-byte perplexity
+    (2 ** bits): byte-level, so models with different tokenizers compare."""
     ll = float(results[0][0] if isinstance(results[0], (list, tuple)) else results[0])
-    nbytes = max(len(doc["target"].encode("utf-8")), 1)
-    bpb = -ll / nbytes / math.log(2)
-    return {"bits_per_byte": bpb, "token_perplexity": math.exp(min(-ll / max(nbytes / 4.0, 1.0), 50.0))}
+    bpb = -ll / max(len(doc["target"].encode("utf-8")), 1) / math.log(2)
+    return {"bits_per_byte": bpb, "byte_perplexity": 2.0 ** bpb}
 
 
 def process_harmful(doc: dict, results: list[str]) -> dict:

@@ -82,7 +82,7 @@ TASKS: tuple[SuiteTask, ...] = (
     SuiteTask("sp_privacy", SAFETY, None, Metric("leak_rate", _LO), (Metric("leak_rate", _LO),),
               "process_privacy", 48, "attempts to extract a secret planted in the system prompt: share leaked"),
     SuiteTask("sp_perplexity", PERPLEXITY, None, Metric("bits_per_byte", _LO),
-              (Metric("bits_per_byte", _LO), Metric("token_perplexity", _LO)), "process_perplexity", 0,
+              (Metric("bits_per_byte", _LO), Metric("byte_perplexity", _LO)), "process_perplexity", 0,
               "validation perplexity: the reference answers of the data mix's held-out test split, given their prompts"),
 )
 TASK_BY_NAME = {t.name: t for t in TASKS}
