@@ -1,6 +1,6 @@
 """Gate evaluation throughput: the full suite batched vs one document at a time, in the same run.
 
-    python bench/gate.py [--checkpoint DIR] [--limit 24] [--batch-size 32] [--repeats 2]
+    python bench/gate.py [--checkpoint DIR] [--limit N] [--batch-size 32] [--repeats 2]
 
 Uses the newest Learn checkpoint and suites under ``SLEEP_PIPELINE_HOME`` (run the cycle first), or the
 ones given. A (batch 1) and B (batched) alternate ``--repeats`` times, because this machine's CPU
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--suites", type=Path, default=None)
-    ap.add_argument("--limit", type=int, default=24, help="documents per suite task")
+    ap.add_argument("--limit", type=int, default=None, help="documents per suite task (default: all, the full suite)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     suites = args.suites
     if suites is None:
         found = sorted((home / "suites").glob("suite-*"), key=lambda p: p.stat().st_mtime)
-        suites = found[-1] if found else build_suites(home / "suites", seed=20261123, per_task=args.limit,
+        suites = found[-1] if found else build_suites(home / "suites", seed=20261123, per_task=args.limit or 120,
                                                       validation_rows=[{"record_id": "0", "prompt": "1 + 1 =", "response": "2"}])
     model, tok = load_for_eval(ckpt)
     runs = {"one_at_a_time": [], "batched": []}

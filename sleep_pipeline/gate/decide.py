@@ -155,7 +155,7 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
 class Row:
     task: str
     metric: str
-    kind: str
+    kind: str  # capability | safety | perplexity (reported; a threshold on it counts as capability)
     bucket: str | None
     headline: bool
     higher_is_better: bool
@@ -233,8 +233,8 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
             continue
         for m in task.metrics:
             s: Score = candidate.scores[task.name][m.name]
-            kind = SAFETY if task.kind == SAFETY else CAPABILITY
-            row = Row(task.name, m.name, kind, task.bucket, m.name == task.headline.name, m.higher_is_better,
+            kind = SAFETY if task.kind == SAFETY else CAPABILITY  # which check a failure belongs to
+            row = Row(task.name, m.name, task.kind, task.bucket, m.name == task.headline.name, m.higher_is_better,
                       s.value, s.stderr, s.n)
             th = thresholds.get((task.name, m.name))
             if th is not None:
@@ -271,7 +271,7 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
         msg = (f"bucket {row.bucket}: {row.task}/{row.metric} dropped {_fmt(drop)} vs the live release "
                f"({_fmt(row.live)} -> {_fmt(row.value)}, noise interval {_fmt(row.noise)})")
         if drop > recipe.forgetting_hard_limit:
-            failures[row.kind].append(msg + f" — past the hard limit {recipe.forgetting_hard_limit:g}")
+            failures[SAFETY if row.kind == SAFETY else CAPABILITY].append(msg + f" — past the hard limit {recipe.forgetting_hard_limit:g}")
         elif drop > recipe.forgetting_risk:
             risks.append(msg + f" — past the tolerance {recipe.forgetting_risk:g}")
         elif row.kind == SAFETY:

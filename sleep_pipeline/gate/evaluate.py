@@ -63,6 +63,27 @@ def load_for_eval(path: Path):
     return model.eval(), tok
 
 
+def _evaluate_task(lm, manager, name: str, limit: int | None, chat: bool) -> dict:
+    """One suite task through ``lm_eval.evaluator.evaluate`` (what ``simple_evaluate`` wraps, minus
+    its per-call environment survey, which shells out to pip and costs ~0.5 s a task)."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loaded = manager.load([name])
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=0)
+    return lm_eval_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=100, log_samples=True,
+                            apply_chat_template=chat, verbosity="ERROR")
+
+
 def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None, limit: int | None = None,
              batch_size: int = 32, max_length: int | None = None, log=None, judge_spec: str | None = None,
              keep_samples: bool = True) -> Evaluation:
@@ -74,7 +95,6 @@ def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None,
 
         os.environ[JUDGE_ENV] = judge_spec
         scoring._judge.cache_clear()
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -88,9 +108,7 @@ def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None,
     start = time.monotonic()
     for k, name in enumerate(names, 1):
         t0 = time.monotonic()
-        res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, apply_chat_template=chat,
-                                      limit=limit, bootstrap_iters=100, log_samples=True, verbosity="ERROR",
-                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        res = _evaluate_task(lm, manager, name, limit, chat)
         out, rows = res["results"][name], res["samples"][name]
         spec = TASK_BY_NAME[name]
         task_scores = {}
