@@ -65,6 +65,24 @@ def _metrics_md(verdict: dict) -> str:
     return "\n".join(lines)
 
 
+def _forgetting_md(verdict: dict, risk: float, hard: float) -> str:
+    """Per-bucket headline metric vs the live release: the forgetting monitor."""
+    rows = [r for r in verdict["rows"] if r["headline"] and r["bucket"]]
+    if not any(r["live"] is not None for r in rows):
+        return "no live release to compare with"
+    lines = ["| bucket | metric | live | candidate | delta | noise interval | status |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["live"] is None:
+            continue
+        worse = (r["live"] - r["value"]) if r["higher_is_better"] else (r["value"] - r["live"])
+        status = "ok"
+        if r["regressed"]:
+            status = "**fail**" if worse > hard else ("risk" if worse > risk else "regressed (within tolerance)")
+        lines.append(f"| {r['bucket']} | {r['task']}/{r['metric']} | {r['live']:.3f} | {r['value']:.3f} | "
+                     f"{r['value'] - r['live']:+.3f} | ±{r['noise']:.3f} | {status} |")
+    return "\n".join(lines)
+
+
 @dg.asset(
     group_name=GATE_GROUP,
     deps=["trained_checkpoint", "gate_suites"],
@@ -99,6 +117,8 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
         "candidate_sha256": report.candidate_sha256,
         "live_release": report.live_version or "none",
         "metrics": dg.MetadataValue.md(_metrics_md(report.verdict)),
+        "forgetting": dg.MetadataValue.md(_forgetting_md(report.verdict, recipe.forgetting_risk,
+                                                         recipe.forgetting_hard_limit)),
         "failures": dg.MetadataValue.md("\n".join(f"- {x}" for x in verdict.failures) or "none"),
         "risks": dg.MetadataValue.md("\n".join(f"- {x}" for x in verdict.risks) or "none"),
         "model_card": dg.MetadataValue.md(open(report.card_path, encoding="utf-8").read()),

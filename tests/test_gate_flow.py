@@ -130,6 +130,8 @@ def test_gate_then_release_through_dagster_and_a_failed_gate_never_moves_live(wo
     report = gate.latest_report(db)
     assert report.live_version == "v0001" and not report.safety_passed
     assert any(r["live"] is not None for r in report.verdict["rows"])  # compared with the live release
+    forgetting = second.asset_materializations_for_node("gate_report")[0].metadata["forgetting"].value
+    assert "| planning |" in forgetting and "noise interval" in forgetting
 
     # materialising gated_release alone, in a separate run, cannot release the failed candidate
     defs = world["defs"]
