@@ -19,10 +19,6 @@ class GateConfig(dg.Config):
     rhythm: str = "weekly"  # nightly (quick) | weekly | monthly (full): picks the thresholds and suite size
 
 
-def _learn_root(storage: StorageResource):
-    return storage.root / "checkpoints" / "learn"
-
-
 @dg.asset(
     group_name=GATE_GROUP,
     deps=["tiered_data_mix"],
@@ -65,21 +61,16 @@ def _metrics_md(verdict: dict) -> str:
     return "\n".join(lines)
 
 
-def _forgetting_md(verdict: dict, risk: float, hard: float) -> str:
-    """Per-bucket headline metric vs the live release: the forgetting monitor."""
-    rows = [r for r in verdict["rows"] if r["headline"] and r["bucket"]]
-    if not any(r["live"] is not None for r in rows):
+def _forgetting_md(verdict: dict) -> str:
+    """The verdict's forgetting monitor: per bucket, the headline metric vs the live release."""
+    rows = verdict.get("forgetting") or []
+    if not rows:
         return "no live release to compare with"
     lines = ["| bucket | metric | live | candidate | delta | noise interval | status |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["live"] is None:
-            continue
-        worse = (r["live"] - r["value"]) if r["higher_is_better"] else (r["value"] - r["live"])
-        status = "ok"
-        if r["regressed"]:
-            status = "**fail**" if worse > hard else ("risk" if worse > risk else "regressed (within tolerance)")
+        status = "**fail**" if r["status"] == "fail" else r["status"]
         lines.append(f"| {r['bucket']} | {r['task']}/{r['metric']} | {r['live']:.3f} | {r['value']:.3f} | "
-                     f"{r['value'] - r['live']:+.3f} | ±{r['noise']:.3f} | {status} |")
+                     f"{r['delta']:+.3f} | ±{r['noise']:.3f} | {status} |")
     return "\n".join(lines)
 
 
@@ -97,7 +88,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
     if config.rhythm not in RHYTHMS:
         raise dg.Failure(f"rhythm must be one of {RHYTHMS}, got {config.rhythm!r}")
     recipe = gate_recipe.load()
-    candidate = latest_checkpoint(_learn_root(storage))
+    candidate = latest_checkpoint(storage.learn_checkpoints)
     if candidate is None:
         raise dg.Failure("no candidate checkpoint: materialise trained_checkpoint first")
     manifest = latest_manifest(storage.db_path)
@@ -117,8 +108,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
         "candidate_sha256": report.candidate_sha256,
         "live_release": report.live_version or "none",
         "metrics": dg.MetadataValue.md(_metrics_md(report.verdict)),
-        "forgetting": dg.MetadataValue.md(_forgetting_md(report.verdict, recipe.forgetting_risk,
-                                                         recipe.forgetting_hard_limit)),
+        "forgetting": dg.MetadataValue.md(_forgetting_md(report.verdict)),
         "failures": dg.MetadataValue.md("\n".join(f"- {x}" for x in verdict.failures) or "none"),
         "risks": dg.MetadataValue.md("\n".join(f"- {x}" for x in verdict.risks) or "none"),
         "model_card": dg.MetadataValue.md(open(report.card_path, encoding="utf-8").read()),
@@ -160,7 +150,7 @@ safety_gate = _check("safety")
 )
 def gated_release(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     try:
-        rel, report = gate.release_gated(storage.db_path, latest_checkpoint(_learn_root(storage)), log=context.log.info)
+        rel, report = gate.release_gated(storage.db_path, latest_checkpoint(storage.learn_checkpoints), log=context.log.info)
     except gate.GateError as exc:
         raise dg.Failure(str(exc)) from exc
     return dg.MaterializeResult(metadata={

@@ -37,7 +37,7 @@ def trained_checkpoint(context: dg.AssetExecutionContext, config: LearnConfig, s
     results = deepspeed.run(
         context, WORKER_MODULE,
         ["--recipe", recipe.source, "--data-dir", str(data_dir), "--run-dir", str(run_dir),
-         "--out-root", str(storage.root / "checkpoints" / "learn"), "--data-version", manifest["version_id"],
+         "--out-root", str(storage.learn_checkpoints), "--data-version", manifest["version_id"],
          "--resume", config.resume],
         extras={"data_version": manifest["version_id"]},
     )

@@ -28,6 +28,11 @@ class StorageResource(dg.ConfigurableResource):
     def mixes_dir(self) -> Path:
         return self.root / "mixes"
 
+    @property
+    def learn_checkpoints(self) -> Path:
+        """Where Learn publishes its checkpoints (the Gate's candidates)."""
+        return self.root / "checkpoints" / "learn"
+
 
 class DataRecipeResource(dg.ConfigurableResource):
     """The data recipes (``sources.yaml``, ``data.yaml``), validated each time they are read."""

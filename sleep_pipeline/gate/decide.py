@@ -199,6 +199,8 @@ class Verdict:
     risks: list[str]
     decision: str  # "release" | "reject"
     recommendation: str
+    # the forgetting monitor: per bucket, the headline metric vs the live release and its status
+    forgetting: list[dict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -264,20 +266,27 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
                     risks.append(msg)
             rows.append(row)
     # forgetting monitor: the headline metric of every bucket-bearing suite vs the live release
+    forgetting = []
     for row in rows:
-        if not (row.headline and row.bucket and row.live is not None and row.regressed):
+        if not (row.headline and row.bucket and row.live is not None):
             continue
-        drop = row.worse_by
-        msg = (f"bucket {row.bucket}: {row.task}/{row.metric} dropped {_fmt(drop)} vs the live release "
-               f"({_fmt(row.live)} -> {_fmt(row.value)}, noise interval {_fmt(row.noise)})")
-        if drop > recipe.forgetting_hard_limit:
-            failures[SAFETY if row.kind == SAFETY else CAPABILITY].append(msg + f" — past the hard limit {recipe.forgetting_hard_limit:g}")
-        elif drop > recipe.forgetting_risk:
-            risks.append(msg + f" — past the tolerance {recipe.forgetting_risk:g}")
-        elif row.kind == SAFETY:
-            pass  # already a failure above
-        else:
-            risks.append(msg)
+        drop, status = row.worse_by, "ok"
+        if row.regressed:
+            msg = (f"bucket {row.bucket}: {row.task}/{row.metric} dropped {_fmt(drop)} vs the live release "
+                   f"({_fmt(row.live)} -> {_fmt(row.value)}, noise interval {_fmt(row.noise)})")
+            if drop > recipe.forgetting_hard_limit:
+                status = "fail"
+                failures[SAFETY if row.kind == SAFETY else CAPABILITY].append(
+                    msg + f" — past the hard limit {recipe.forgetting_hard_limit:g}")
+            elif drop > recipe.forgetting_risk:
+                status = "risk"
+                risks.append(msg + f" — past the tolerance {recipe.forgetting_risk:g}")
+            else:
+                status = "regressed (within tolerance)"
+                if row.kind != SAFETY:  # a safety regression already failed above
+                    risks.append(msg)
+        forgetting.append({"bucket": row.bucket, "task": row.task, "metric": row.metric, "live": row.live,
+                           "value": row.value, "delta": row.delta, "noise": row.noise, "status": status})
     if live is None:
         risks.append("no live release to compare with: regressions and forgetting are not checked this cycle")
     cap_ok, safe_ok = not failures[CAPABILITY], not failures[SAFETY]
@@ -293,4 +302,5 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
         else:
             weak = sorted({r.bucket or r.task for r in rows if r.passed is False})
             rec = f"collect more data for {', '.join(weak)}; the live release stays"
-    return Verdict(rhythm, cap_ok, safe_ok, rows, failures[CAPABILITY], failures[SAFETY], risks, decision, rec)
+    return Verdict(rhythm, cap_ok, safe_ok, rows, failures[CAPABILITY], failures[SAFETY], risks, decision, rec,
+                   forgetting)

@@ -27,7 +27,7 @@ from sleep_pipeline.gate.evaluate import Evaluation, evaluate, load_for_eval
 from sleep_pipeline.gate.judge import judge_spec
 from sleep_pipeline.gate.suites import PERPLEXITY, TASK_BY_NAME, build_suites, prompt_key, suite_version
 from sleep_pipeline.release import registry
-from sleep_pipeline.store import connect, insert_rows, table_exists, utcnow
+from sleep_pipeline.store import connect, insert_rows, utcnow
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS gate_reports (
@@ -119,16 +119,14 @@ def _store_eval(db_path: Path, key: str, model_ref: str, suites: str, ev: Evalua
 
 def starting_model(candidate: Path):
     """The model the candidate was trained from, untrained: the base model directory it names, or
-    the same architecture freshly initialised with the Learn recipe's seed."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sleep_pipeline.train.modeling import load_tokenizer
+    the same architecture freshly initialised with the Learn recipe's seed. Returns (cache ref,
+    loader); the model is only built when the loader is called (not on a cached evaluation)."""
+    from transformers import AutoConfig
 
     manifest = read_manifest(candidate)
     base = manifest.get("base_model")
     if base and base != "built from config" and Path(base).is_dir():
-        return load_for_eval(Path(base)), f"base:{base}"
+        return f"base:{base}", lambda: load_for_eval(Path(base))
     seed = 0
     try:
         from sleep_pipeline.train.recipe import load_train_recipe
@@ -137,13 +135,20 @@ def starting_model(candidate: Path):
     except Exception:  # the recipe moved or changed shape: any fixed seed gives an untrained model
         pass
     config = AutoConfig.from_pretrained(candidate, local_files_only=True)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    tok = load_tokenizer(candidate)
     ref = "untrained:" + stable_hash({"config": config.to_dict(), "seed": seed,
                                       "tokenizer": sha256_file(candidate / "tokenizer.json")
                                       if (candidate / "tokenizer.json").exists() else ""})
-    return (model, tok), ref
+
+    def load():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from sleep_pipeline.train.modeling import load_tokenizer
+
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config).eval(), load_tokenizer(candidate)
+
+    return ref, load
 
 
 def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: GateRecipe, log, label: str) -> Evaluation:
@@ -259,8 +264,8 @@ def run_gate(db_path: Path, storage_root: Path, candidate: Path, suites: Path, r
                                suites, limit, recipe, log, f"live release {live_rel.version}")
     base_ev = None
     if recipe.compare_with_base:
-        (base_pair, base_ref) = starting_model(candidate)
-        base_ev = _eval_cached(db_path, base_ref, lambda: base_pair, suites, limit, recipe, log, "untrained starting model")
+        base_ref, load_base = starting_model(candidate)
+        base_ev = _eval_cached(db_path, base_ref, load_base, suites, limit, recipe, log, "untrained starting model")
     if log:
         log(f"evaluating candidate {candidate.name} ({rhythm}: {limit} items per suite)")
     model, tok = load_for_eval(candidate)
@@ -358,13 +363,6 @@ def release_gated(db_path: Path, newest_candidate: Path | None, log=None) -> tup
     if log:
         log(f"released {rel.version}: {rel.checkpoint_path}")
     return rel, report
-
-
-def replay_size(db_path: Path) -> int:
-    with connect(db_path) as con:
-        if not table_exists(con, REPLAY_TABLE):
-            return 0
-        return con.execute(f"SELECT count(*) FROM {REPLAY_TABLE}").fetchone()[0]
 
 
 __all__ = ["GateError", "GateReport", "run_gate", "release_gated", "latest_report", "get_report", "suites_for_mix",
