@@ -208,9 +208,11 @@ def _task_yaml(task: SuiteTask, data_file: str) -> dict:
     }
     common = {
         **base,
-        "description": "{{system}}",  # per-document system turn under --apply_chat_template
-        "doc_to_text": "{{prompt}}",
-        "doc_to_target": "{{target}}",
+        # plain field names: lm-eval reads them straight from the document (a Jinja template would be
+        # compiled again for every document, ~3 s a suite, and would drop a trailing newline)
+        "description": "system",  # per-document system turn under --apply_chat_template
+        "doc_to_text": "prompt",
+        "doc_to_target": "target",
         "process_results": f"!function utils.{task.process}",
         "metric_list": [{"metric": m.name, "aggregation": "mean", "higher_is_better": m.higher_is_better}
                         for m in task.metrics],
@@ -266,7 +268,8 @@ def build_suites(out_root: Path, seed: int, per_task: int, exclude_prompts: Iter
             data_file = f"{task.name}.jsonl"
             payload = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs)
             (stage / data_file).write_text(payload, encoding="utf-8")
-            digest.update(task.name.encode() + payload.encode())
+            # the task definition is part of the version: a changed template is a different suite
+            digest.update(json.dumps(_task_yaml(task, data_file), sort_keys=True).encode() + payload.encode())
             counts[task.name], dropped[task.name] = len(docs), skip
             if log:
                 log(f"suite {task.name}: {len(docs)} items ({skip} dropped as seen in training or repeated)")
