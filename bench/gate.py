@@ -47,6 +47,7 @@ def main(argv=None) -> int:
                                                       validation_rows=[{"record_id": "0", "prompt": "1 + 1 =", "response": "2"}])
     model, tok = load_for_eval(ckpt)
     runs = {"one_at_a_time": [], "batched": []}
+    task_runs = {"one_at_a_time": {}, "batched": {}}  # side -> task -> [seconds per repeat]
     results = {}
     for r in range(args.repeats):
         for side, bs in (("one_at_a_time", 1), ("batched", args.batch_size)) if r % 2 == 0 else \
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
             ev = evaluate(model, tok, suites, limit=args.limit, batch_size=bs,
                           log=lambda m, s=side: print(f"[{s}] {m}", file=sys.stderr))
             runs[side].append(ev.examples / ev.seconds)
+            for t, sec in ev.task_seconds.items():
+                task_runs[side].setdefault(t, []).append(sec)
             results[side] = ev
     a, b = results["one_at_a_time"], results["batched"]
     diffs = {f"{t}/{m}": abs(a.scores[t][m].value - b.scores[t][m].value) for t in a.scores for m in a.scores[t]}
@@ -63,6 +66,12 @@ def main(argv=None) -> int:
             total_docs += 1
             same_docs += x["response"] == y["response"]
     rate_a, rate_b = statistics.median(runs["one_at_a_time"]), statistics.median(runs["batched"])
+    # where the batch helps least: long prompts and log-likelihood scoring are compute-bound at any batch size
+    per_task = {t: {"one_at_a_time_s": round(statistics.median(task_runs["one_at_a_time"][t]), 2),
+                    "batched_s": round(statistics.median(task_runs["batched"][t]), 2),
+                    "speedup": round(statistics.median(task_runs["one_at_a_time"][t])
+                                     / statistics.median(task_runs["batched"][t]), 2)}
+                for t in task_runs["batched"]}
     print(json.dumps({
         "benchmark": "gate_evaluation",
         "checkpoint": str(ckpt), "suites": str(suites), "examples": a.examples, "repeats": args.repeats,
@@ -73,6 +82,7 @@ def main(argv=None) -> int:
         "max_metric_difference": round(max(diffs.values()), 6),
         "differing_metrics": {k: round(v, 6) for k, v in diffs.items() if v > 0},
         "identical_responses": f"{same_docs}/{total_docs}",
+        "per_task": per_task,
     }, indent=2))
     return 0
 

@@ -39,6 +39,7 @@ class Evaluation:
     samples: dict[str, list[dict]] = field(default_factory=dict)  # task -> [{doc, response, metrics}]
     seconds: float = 0.0
     examples: int = 0
+    task_seconds: dict[str, float] = field(default_factory=dict)  # wall time per task (not stored)
 
     def to_json(self) -> dict:
         return {"scores": {t: {m: [s.value, s.stderr, s.n] for m, s in ms.items()} for t, ms in self.scores.items()},
@@ -126,7 +127,7 @@ def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None,
               max_length=max_length)
     manager = TaskManager(include_path=str(suites_dir), include_defaults=False)
     chat = bool(getattr(tokenizer, "chat_template", None))
-    scores, samples, examples = {}, {}, 0
+    scores, samples, examples, task_seconds = {}, {}, 0, {}
     start = time.monotonic()
     for k, name in enumerate(names, 1):
         t0 = time.monotonic()
@@ -141,6 +142,7 @@ def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None,
                                         float(stderr) if isinstance(stderr, (int, float)) else float("nan"), len(rows))
         scores[name] = task_scores
         examples += len(rows)
+        task_seconds[name] = round(time.monotonic() - t0, 3)
         if keep_samples and spec.kind != PERPLEXITY:
             samples[name] = [{"doc": s["doc"], "response": s["filtered_resps"][0],
                               "metrics": {m.name: s[m.name] for m in spec.metrics if m.name in s}} for s in rows]
@@ -148,8 +150,9 @@ def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None,
             elapsed = time.monotonic() - start
             eta = elapsed / k * (len(names) - k)
             shown = ", ".join(f"{m} {s.value:.3f}±{s.stderr:.3f}" for m, s in task_scores.items())
-            log(f"eval {k}/{len(names)} {name}: {shown} ({len(rows)} docs, {time.monotonic() - t0:.1f}s, ETA {eta:.0f}s)")
-    return Evaluation(scores, samples, seconds=round(time.monotonic() - start, 2), examples=examples)
+            log(f"eval {k}/{len(names)} {name}: {shown} ({len(rows)} docs, {task_seconds[name]:.1f}s, ETA {eta:.0f}s)")
+    return Evaluation(scores, samples, seconds=round(time.monotonic() - start, 2), examples=examples,
+                      task_seconds=task_seconds)
 
 
 def evaluate_checkpoint(path: Path, suites_dir: Path, **kwargs) -> Evaluation:
