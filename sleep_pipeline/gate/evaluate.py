@@ -11,6 +11,7 @@ so failing items can be replayed into training.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ def load_for_eval(path: Path):
     return model.eval(), tok
 
 
+@functools.cache
 def _lm_class():
     """lm-eval's ``HFLM`` with greedy requests decoded by :func:`greedy_generate` (finished rows leave
     the batch); everything else is lm-eval's own code."""

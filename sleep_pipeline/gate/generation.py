@@ -16,6 +16,8 @@ Anything but plain greedy decoding (sampling, beams, logits processors) is left 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # generation settings that add logits processors or change the search; any of them set means the
@@ -31,6 +33,7 @@ _NOT_GREEDY = {
 }
 
 
+@functools.cache
 def _reserved_layer_class():
     from transformers.cache_utils import DynamicLayer
 
