@@ -75,16 +75,19 @@ def load_for_eval(path: Path):
 def _lm_class():
     """lm-eval's ``HFLM`` with greedy requests decoded by :func:`greedy_generate` (finished rows leave
     the batch); everything else is lm-eval's own code."""
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     from sleep_pipeline.gate.generation import greedy_generate, is_plain_greedy
 
     class GateLM(HFLM):
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
-            if not is_plain_greedy(self.model, generation_kwargs):
+            if self.backend != "causal" or not is_plain_greedy(self.model, generation_kwargs):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
-            return greedy_generate(self.model, self.tokenizer, context, generation_kwargs["attention_mask"],
-                                   max_length, stop)
+            with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                enabled=self.mixed_precision_dtype is not None):
+                return greedy_generate(self.model, self.tokenizer, context, generation_kwargs["attention_mask"],
+                                       max_length, stop)
 
     return GateLM
 
