@@ -49,6 +49,10 @@ def gate_suites(context: dg.AssetExecutionContext, storage: StorageResource,
     })
 
 
+def _bullets(items) -> str:
+    return "\n".join(f"- {x}" for x in items) or "none"
+
+
 def _metrics_md(verdict: dict) -> str:
     lines = ["| check | task | metric | value | ± stderr | threshold | live | delta | untrained | pass |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,8 +113,8 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
         "live_release": report.live_version or "none",
         "metrics": dg.MetadataValue.md(_metrics_md(report.verdict)),
         "forgetting": dg.MetadataValue.md(_forgetting_md(report.verdict)),
-        "failures": dg.MetadataValue.md("\n".join(f"- {x}" for x in verdict.failures) or "none"),
-        "risks": dg.MetadataValue.md("\n".join(f"- {x}" for x in verdict.risks) or "none"),
+        "failures": dg.MetadataValue.md(_bullets(verdict.failures)),
+        "risks": dg.MetadataValue.md(_bullets(verdict.risks)),
         "model_card": dg.MetadataValue.md(open(report.card_path, encoding="utf-8").read()),
         "model_card_path": dg.MetadataValue.path(report.card_path),
         "eval_examples": ev.examples,
@@ -130,7 +134,7 @@ def _check(kind: str):
         failures = report.verdict.get(f"{kind}_failures", [])
         return dg.AssetCheckResult(
             passed=bool(getattr(report, passed_attr)),
-            metadata={"report_id": report.report_id, "failures": dg.MetadataValue.md("\n".join(f"- {x}" for x in failures) or "none")},
+            metadata={"report_id": report.report_id, "failures": dg.MetadataValue.md(_bullets(failures))},
         )
 
     return check

@@ -56,7 +56,7 @@ def _print_gate(db: Path) -> None:
     v = report.verdict
     print(f"  gate {report.report_id} ({report.rhythm}): capability {'passed' if report.capability_passed else 'FAILED'}, "
           f"safety {'passed' if report.safety_passed else 'FAILED'} -> {report.decision} ({report.recommendation})")
-    for line in v.get("capability_failures", []) + v.get("safety_failures", []):
+    for line in report.failures:
         print(f"    - {line}")
     gains = [r for r in v["rows"] if r.get("beats_base") is not None]
     if gains:

@@ -215,6 +215,12 @@ class Verdict:
                 "rows": [{**asdict(r), "delta": r.delta, "beats_base": r.beats_base} for r in self.rows]}
 
 
+def failed_checks(result) -> list[str]:
+    """The checks ("capability", "safety") that ``result`` failed: a :class:`Verdict`, or a stored gate
+    report carrying the same two flags."""
+    return [kind for kind in (CAPABILITY, SAFETY) if not getattr(result, f"{kind}_passed")]
+
+
 def _combined(a: float | None, b: float | None) -> float:
     vals = [x for x in (a, b) if x is not None and not math.isnan(x)]
     return math.sqrt(sum(x * x for x in vals))

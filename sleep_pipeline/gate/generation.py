@@ -103,12 +103,12 @@ def greedy_generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: t
     from transformers.cache_utils import DynamicLayer
 
     batch, prompt_len = input_ids.shape
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = torch.full((batch, max(max_length, prompt_len)), pad_id, dtype=input_ids.dtype, device=input_ids.device)
-    out[:, :prompt_len] = input_ids
     steps = max_length - prompt_len
     if steps <= 0:
-        return out[:, :prompt_len]
+        return input_ids
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = torch.full((batch, max_length), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    out[:, :prompt_len] = input_ids
     eos = torch.tensor(sorted(_eos_ids(model, tokenizer)), dtype=input_ids.dtype, device=input_ids.device)
     windows: dict[int, list[str]] = {}  # lookback length -> stop strings searched in that many last tokens
     for s in dict.fromkeys(s for s in (stop or []) if s):

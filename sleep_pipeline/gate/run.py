@@ -18,11 +18,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sleep_pipeline.checkpoint import CheckpointError, read_manifest, sha256_file, verify_checkpoint
+from sleep_pipeline.checkpoint import CARD, CheckpointError, read_manifest, sha256_file, verify_checkpoint
 from sleep_pipeline.config import stable_hash
 from sleep_pipeline.data.mix import REPLAY_TABLE
 from sleep_pipeline.gate import model_card
-from sleep_pipeline.gate.decide import GateRecipe, Verdict, decide
+from sleep_pipeline.gate.decide import GateRecipe, Verdict, decide, failed_checks
 from sleep_pipeline.gate.evaluate import Evaluation, evaluate, load_for_eval
 from sleep_pipeline.gate.judge import judge_spec
 from sleep_pipeline.gate.suites import PERPLEXITY, TASK_BY_NAME, build_suites, prompt_key, suite_version
@@ -46,7 +46,6 @@ CREATE TABLE IF NOT EXISTS {REPLAY_TABLE} (
 );
 """
 REPLAY_COLUMNS = ("example_id", "bucket", "system", "prompt", "response", "meta", "report_id", "added_at")
-CARD = "README.md"
 
 
 class GateError(RuntimeError):
@@ -75,6 +74,11 @@ class GateReport:
     @property
     def passed(self) -> bool:
         return self.capability_passed and self.safety_passed
+
+    @property
+    def failures(self) -> list[str]:
+        """The stored verdict's failed thresholds and regressions, capability first."""
+        return self.verdict.get("capability_failures", []) + self.verdict.get("safety_failures", [])
 
 
 def ensure_schema(db_path: Path) -> None:
@@ -291,7 +295,7 @@ def run_gate(db_path: Path, storage_root: Path, candidate: Path, suites: Path, r
         decision = "passed the gate — awaiting release"
     else:
         live_txt = f"{live_rel.version} stays live" if live_rel else "nothing is live"
-        decision = f"rejected ({'; '.join(c for c, ok in (('capability', verdict.capability_passed), ('safety', verdict.safety_passed)) if not ok)} check failed); {live_txt}"
+        decision = f"rejected ({'; '.join(failed_checks(verdict))} check failed); {live_txt}"
         registry.record_rejection(db_path, candidate.name, f"{report_id}: " + "; ".join(verdict.failures)[:2000])
         added = feed_replay(db_path, report_id, cand_ev.samples, recipe.replay_max_items)
         if log:
@@ -344,10 +348,8 @@ def release_gated(db_path: Path, newest_candidate: Path | None, log=None) -> tup
         raise GateError(f"the newest candidate {newest_candidate} has not been gated "
                         f"(the newest gate report {report.report_id} is about {report.candidate_path})")
     if not report.passed:
-        failed = [c for c, ok in (("capability", report.capability_passed), ("safety", report.safety_passed)) if not ok]
-        raise GateError(f"gate report {report.report_id} failed ({', '.join(failed)}): the candidate is not released; "
-                        f"{report.live_version or 'nothing'} stays live. Why: "
-                        + "; ".join(report.verdict.get("capability_failures", []) + report.verdict.get("safety_failures", [])))
+        raise GateError(f"gate report {report.report_id} failed ({', '.join(failed_checks(report))}): the candidate is "
+                        f"not released; {report.live_version or 'nothing'} stays live. Why: " + "; ".join(report.failures))
     if report.released_version:
         raise GateError(f"gate report {report.report_id} was already released as {report.released_version}")
     try:
