@@ -21,6 +21,8 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
+from sleep_pipeline.train.shm import release_run_segments
+
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "impi", "mpich")
 
 
@@ -118,6 +120,9 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
                 context.log.warning(f"run interrupted: terminating launcher process group {proc.pid}")
                 terminate_group(proc, self.grace_period_s)
                 raise
+            finally:
+                # a run that died before its ranks released them leaves DeepSpeed's all-reduce buffers
+                release_run_segments(addr="*", port=port)
             if returncode != 0:
                 raise DeepSpeedLaunchError(f"deepspeed exited with code {returncode}; the worker's error is in the run log above")
         return list(session.get_results())

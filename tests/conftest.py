@@ -9,9 +9,15 @@ import pytest
 
 from sleep_pipeline.config import load_data_recipe
 from sleep_pipeline.data.generate import generate_source
+from sleep_pipeline.train.shm import sweep_stale_segments
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
+
+
+def pytest_sessionstart(session):
+    # Shared memory that killed DeepSpeed runs of earlier sessions left behind is RAM this run needs.
+    sweep_stale_segments()
 
 
 def copy_recipes(dest: Path) -> Path:

@@ -15,6 +15,7 @@ from resources.deepspeed import DeepSpeedClusterResource, free_port
 from sleep_pipeline.checkpoint import verify_checkpoint
 from sleep_pipeline.config import RecipeError
 from sleep_pipeline.train.recipe import load_train_recipe
+from sleep_pipeline.train.shm import run_segments, sweep_stale_segments
 from tests.conftest import RECIPES, ROOT
 
 WORKER = "sleep_pipeline.train.worker"
@@ -48,13 +49,18 @@ def small_mix(tmp_path_factory, generated_sources) -> Path:
 
 
 def launch(args: list[str], num_gpus: int = 2, wait: bool = True, **popen):
+    """Run the worker under the deepspeed launcher; the result carries its ``master_port``."""
     res = DeepSpeedClusterResource(num_gpus=num_gpus)
-    cmd = res.build_command(WORKER, args, master_port=free_port())
+    port = free_port()
+    cmd = res.build_command(WORKER, args, master_port=port)
     env = {**res.launch_env(), "PYTHONPATH": str(ROOT)}
     if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, **popen)
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    else:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc.master_port = port
+    return proc
 
 
 def _worker_args(recipe, mix, run, out, *extra):
@@ -131,6 +137,9 @@ def test_two_rank_run_lowers_validation_loss_and_publishes(tmp_path, small_mix):
     assert manifest["validation_loss"] < manifest["initial_validation_loss"] - 1.0
     assert any(name.endswith(".safetensors") for name in manifest["files"])
     assert "step 12/12" in proc.stdout
+    # DeepSpeed's 66 MB-per-rank shared-memory all-reduce buffers were created and released, not left in RAM
+    assert "released 2 shared-memory all-reduce buffer names" in proc.stdout
+    assert not run_segments(addr="*", port=proc.master_port)
 
 
 def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(tmp_path, small_mix):
@@ -146,6 +155,7 @@ def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(tmp_path
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
     proc.wait()
     assert not list(out.glob("learn-*")), "a killed run must not publish"
+    assert not run_segments(addr="*", port=proc.master_port), "a killed run must not leave shared memory behind"
 
     second = launch(_worker_args(recipe, small_mix, run, out))
     assert second.returncode == 0, second.stdout[-4000:]
@@ -212,3 +222,23 @@ def test_stale_extension_build_locks_are_cleared(tmp_path, monkeypatch):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert clear_stale_extension_locks() == [old]
     assert not old.exists() and fresh.exists()  # a build in progress keeps its lock
+
+
+def test_stale_shared_memory_buffers_are_swept(tmp_path):
+    """Buffers nobody maps any more go; a live run's (mapped) and a run starting up (brand new) stay."""
+    import mmap
+
+    def segment(name: str, age_s: float) -> Path:
+        path = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{name}"
+        path.write_bytes(b"\0" * 4096)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    stale, live, starting = segment("1111_0", 3600), segment("2222_0", 3600), segment("3333_1", 5)
+    other_user = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid() + 1}_127.0.0.1_4444_0"
+    other_user.write_bytes(b"\0")
+    os.utime(other_user, (0, 0))
+    with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 4096) as _mapped:
+        assert sweep_stale_segments(shm_dir=tmp_path) == [stale]
+    assert live.exists() and starting.exists() and other_user.exists() and not stale.exists()
+    assert run_segments(addr="127.0.0.1", port=3333, shm_dir=tmp_path) == [starting]

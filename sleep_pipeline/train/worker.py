@@ -201,6 +201,7 @@ def run(args: argparse.Namespace, reporter: Reporter) -> dict:
         build_model, count_parameters, load_tokenizer, read_jsonl, row_messages, train_tokenizer,
     )
     from sleep_pipeline.train.recipe import load_train_recipe
+    from sleep_pipeline.train.shm import release_run_segments
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -270,6 +271,13 @@ def run(args: argparse.Namespace, reporter: Reporter) -> dict:
             self.tokens0 = None
 
         def on_train_begin(self, args_, state, control, **kw):
+            # DeepSpeed's communication set-up is done and every rank has mapped every peer's
+            # shared-memory all-reduce buffer: drop the names so the memory goes with the processes.
+            _barrier()
+            if rank == 0:
+                released = release_run_segments()
+                if released:
+                    reporter.info(f"released {released} shared-memory all-reduce buffer names (freed when the ranks exit)")
             self.step0 = state.global_step
             self.t0 = time.monotonic()
             if resume_from is not None or state.global_step > 0:
@@ -450,6 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sleep_pipeline.train.shm import sweep_stale_segments
+
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -458,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     watch_parent()
     if rank == 0:
         clear_stale_extension_locks()
+        sweep_stale_segments()
     reporter = Reporter(rank)
     try:
         run(args, reporter)

@@ -1,0 +1,96 @@
+"""DeepSpeed's CPU shared-memory all-reduce buffers: released as soon as every rank has them.
+
+On the CPU accelerator, DeepSpeed's ``shm_comm`` op gives every rank a 66 MB POSIX shared-memory
+segment, ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, and never
+unlinks it: each launch leaves ``world_size`` segments behind, and ``/dev/shm`` is RAM. A few hundred
+launches fill the machine's memory.
+
+The fix has three parts:
+
+* :func:`release_run_segments` -- each rank calls it once every rank has mapped every peer's segment
+  (after a barrier past DeepSpeed's communication set-up). Unlinking only removes the names; the
+  mappings live on until the ranks exit, however they exit (SIGKILL included), and the kernel frees
+  the memory then.
+* the launching process calls it again once the launcher has exited, for a run that died before
+  reaching that point.
+* :func:`sweep_stale_segments` -- before a launch, segments of this user that no live process maps
+  and that are older than a minute (a run's own segments are mapped right after they are written) are
+  removed: what older versions, or a machine-wide kill, left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "deepspeed_allreduce_buffer"
+STALE_AFTER_S = 60.0
+
+
+def _own_prefix() -> str:
+    return f"{PREFIX}_{os.getuid()}_"
+
+
+def run_segments(addr: str | None = None, port: str | int | None = None, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """This user's segments of the run rendezvousing at ``addr:port`` (from the environment by default)."""
+    addr = addr if addr is not None else os.environ.get("MASTER_ADDR", "")
+    port = port if port is not None else os.environ.get("MASTER_PORT", "")
+    if not shm_dir.is_dir():
+        return []
+    return sorted(shm_dir.glob(f"{_own_prefix()}{addr}_{port}_*"))
+
+
+def release_run_segments(addr: str | None = None, port: str | int | None = None, shm_dir: Path = SHM_DIR) -> int:
+    """Unlink the segment names of one run; returns how many were removed."""
+    removed = 0
+    for path in run_segments(addr, port, shm_dir):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass  # a peer rank got there first
+    return removed
+
+
+def mapped_paths(shm_dir: Path = SHM_DIR) -> set[str]:
+    """Files under the shared-memory directory that some process we can inspect has mapped."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue  # gone, or not ours to read
+        for line in text.splitlines():
+            idx = line.find(str(shm_dir) + "/")
+            if idx >= 0:
+                mapped.add(line[idx:].removesuffix(" (deleted)"))
+    return mapped
+
+
+def sweep_stale_segments(shm_dir: Path = SHM_DIR, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove this user's all-reduce segments that no live process maps and that are not brand new."""
+    if not shm_dir.is_dir():
+        return []
+    candidates = list(shm_dir.glob(f"{_own_prefix()}*"))
+    if not candidates:
+        return []
+    mapped = mapped_paths(shm_dir)
+    now = time.time()
+    removed, freed = [], 0
+    for path in candidates:
+        try:
+            stat = path.stat()
+            if str(path) in mapped or now - stat.st_mtime < stale_after_s:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+        freed += stat.st_size
+    if removed:
+        print(f"removed {len(removed)} stale DeepSpeed shared-memory buffers from {shm_dir} "
+              f"({freed / 2**20:,.0f} MiB)", file=sys.stderr, flush=True)
+    return removed
