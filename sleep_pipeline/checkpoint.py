@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from sleep_pipeline.fsio import write_atomic
+
 MANIFEST = "manifest.json"
 CARD = "README.md"  # the model card beside the weights; documentation, not part of the digest
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -64,9 +66,7 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> dict:
         "files": files,
     }
     manifest["checkpoint_sha256"] = checkpoint_sha256(manifest)
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, directory / MANIFEST)
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
 

@@ -66,3 +66,18 @@ def test_only_the_last_n_are_kept(tmp_path):
         time.sleep(0.01)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["c2", "c3"]
     assert latest_checkpoint(tmp_path).name == "c3"
+
+
+def test_atomic_replacement_keeps_the_old_file_when_writing_fails(tmp_path):
+    from sleep_pipeline.fsio import replacing, write_atomic
+
+    target = tmp_path / "state" / "run_state.json"
+    write_atomic(target, '{"step": 1}')
+    with pytest.raises(RuntimeError):
+        with replacing(target) as tmp:
+            tmp.write_text('{"step": 2, "half')
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == '{"step": 1}'
+    assert [p.name for p in target.parent.iterdir()] == ["run_state.json"]  # no temporary file left
+    write_atomic(target, "ünïcode")
+    assert target.read_text(encoding="utf-8") == "ünïcode"

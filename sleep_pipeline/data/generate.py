@@ -20,6 +20,7 @@ from pathlib import Path
 from sleep_pipeline.config import SourceConfig
 from sleep_pipeline.data import tasks
 from sleep_pipeline.data.perturb import perturb
+from sleep_pipeline.fsio import replacing, write_atomic
 
 # reasoning-gym task -> (bucket, constructor kwargs): small instances a tiny model can learn.
 REASONING_GYM_TASKS: dict[str, tuple[str, dict]] = {
@@ -323,21 +324,19 @@ def reposts(curated: list[dict], size: int, seed: int, max_record_bytes: int) ->
 
 # ----------------------------------------------------------------------------------------- write
 def _write(src: SourceConfig, items: list[dict]) -> None:
-    tmp = src.path.with_name(src.path.name + ".tmp")
-    src.path.parent.mkdir(parents=True, exist_ok=True)
-    if src.format == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in it.items()} for it in items]
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    elif src.format == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for it in items:
-                fh.write(json.dumps(it, ensure_ascii=False) + "\n")
-    else:
+    if src.format not in ("parquet", "jsonl"):
         raise ValueError(f"generator for {src.name!r} writes jsonl or parquet, not {src.format!r}")
-    tmp.replace(src.path)
+    with replacing(src.path) as tmp:
+        if src.format == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            rows = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in it.items()} for it in items]
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for it in items:
+                    fh.write(json.dumps(it, ensure_ascii=False) + "\n")
 
 
 def generate_source(src: SourceConfig, seed: int = 0, max_record_bytes: int = 1_000_000,
@@ -362,10 +361,7 @@ def generate_source(src: SourceConfig, seed: int = 0, max_record_bytes: int = 1_
                    + [{**it, "bucket": "tool_use"} for it in tool_calls(sizes["tool_calls"], seed)]
                    + [{**it, "bucket": "benign" if it["label"] == "benign" else "safety"} for it in safety(sizes["safety"], seed)])
         lines = reposts(curated, sizes[gen], seed, max_record_bytes)
-        src.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = src.path.with_name(src.path.name + ".tmp")
-        tmp.write_bytes(b"\n".join(lines) + b"\n")
-        tmp.replace(src.path)
+        write_atomic(src.path, b"\n".join(lines) + b"\n")
     else:
         raise ValueError(f"source {src.name!r} has no generator")
     return src.path

@@ -21,6 +21,7 @@ from pathlib import Path
 from sleep_pipeline.checkpoint import CARD, CheckpointError, read_manifest, sha256_file, verify_checkpoint
 from sleep_pipeline.config import stable_hash
 from sleep_pipeline.data.mix import REPLAY_TABLE
+from sleep_pipeline.fsio import write_atomic
 from sleep_pipeline.gate import model_card
 from sleep_pipeline.gate.decide import GateRecipe, Verdict, decide, failed_checks
 from sleep_pipeline.gate.evaluate import Evaluation, evaluate, load_for_eval
@@ -240,11 +241,7 @@ def write_card(report: GateReport, verdict: Verdict, decision: str, version: str
     checkpoint digest); returns the Markdown."""
     candidate = Path(report.candidate_path)
     text = model_card.render(_card_facts(report, verdict, read_manifest(candidate), decision, version))
-    card = Path(report.card_path)
-    card.parent.mkdir(parents=True, exist_ok=True)
-    tmp = card.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(card)
+    card = write_atomic(report.card_path, text)
     if candidate.is_dir():
         shutil.copyfile(card, candidate / CARD)
     return text

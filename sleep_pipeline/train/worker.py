@@ -146,10 +146,9 @@ def _read_state(run_dir: Path) -> dict:
 
 
 def _write_state(run_dir: Path, **update) -> None:
-    state = {**_read_state(run_dir), **update}
-    tmp = run_dir / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, run_dir / STATE)
+    from sleep_pipeline.fsio import write_atomic
+
+    write_atomic(run_dir / STATE, json.dumps({**_read_state(run_dir), **update}, indent=2))
 
 
 def complete_checkpoints(trainer_dir: Path) -> list[tuple[int, Path]]:
