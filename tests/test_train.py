@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,3 +243,12 @@ def test_stale_shared_memory_buffers_are_swept(tmp_path):
         assert sweep_stale_segments(shm_dir=tmp_path) == [stale]
     assert live.exists() and starting.exists() and other_user.exists() and not stale.exists()
     assert run_segments(addr="127.0.0.1", port=3333, shm_dir=tmp_path) == [starting]
+
+
+def test_too_little_shared_memory_is_a_clear_error_not_a_hang(tmp_path):
+    from sleep_pipeline.train.shm import SharedMemoryFull, check_room
+
+    free = shutil.disk_usage(tmp_path).free
+    check_room(2, shm_dir=tmp_path, segment_bytes=free // 4)
+    with pytest.raises(SharedMemoryFull, match=r"needs 2 x .* MiB there"):
+        check_room(2, shm_dir=tmp_path, segment_bytes=free // 2 + 1)

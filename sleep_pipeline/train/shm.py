@@ -21,6 +21,7 @@ The fix has three parts:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,27 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 PREFIX = "deepspeed_allreduce_buffer"
 STALE_AFTER_S = 60.0
+SEGMENT_BYTES = 69_206_024  # sizeof(struct allreduce_workspace) in DeepSpeed 0.19.8's shm.cpp
+
+
+class SharedMemoryFull(RuntimeError):
+    pass
+
+
+def check_room(local_ranks: int, shm_dir: Path = SHM_DIR, segment_bytes: int = SEGMENT_BYTES) -> None:
+    """Fail with a clear message when ``shm_dir`` cannot hold one buffer per local rank.
+
+    Without room DeepSpeed does not fail cleanly: a short write leaves a segment that crashes the
+    rank mapping it (SIGBUS), or its peers wait forever for a segment that never appears."""
+    if not shm_dir.is_dir():
+        return
+    free = shutil.disk_usage(shm_dir).free
+    need = local_ranks * segment_bytes
+    if free < need:
+        raise SharedMemoryFull(
+            f"{shm_dir} has {free / 2**20:,.0f} MiB free; DeepSpeed's CPU all-reduce needs {local_ranks} x "
+            f"{segment_bytes / 2**20:,.0f} MiB there. Free it (`ls -la {shm_dir}`) or give the machine more "
+            "shared memory (`mount -o remount,size=... /dev/shm`; in a container, `--shm-size`).")
 
 
 def _own_prefix() -> str:

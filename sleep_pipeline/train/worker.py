@@ -457,7 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sleep_pipeline.train.shm import sweep_stale_segments
+    from sleep_pipeline.train.shm import SharedMemoryFull, check_room, sweep_stale_segments
 
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -470,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep_stale_segments()
     reporter = Reporter(rank)
     try:
+        local = int(os.environ.get("LOCAL_SIZE", "0"))
+        if rank == 0 and os.environ.get("DS_ACCELERATOR") == "cpu" and local == int(os.environ.get("WORLD_SIZE", "1")):
+            try:  # every rank on this machine: DeepSpeed will put its all-reduce buffers in /dev/shm
+                check_room(local)
+            except SharedMemoryFull as exc:
+                raise WorkerError(str(exc)) from None
         run(args, reporter)
         return 0
     except WorkerError as exc:
