@@ -9,6 +9,7 @@ from sleep_pipeline.checkpoint import latest_checkpoint
 from sleep_pipeline.data.mix import latest_manifest
 from sleep_pipeline.gate import run as gate
 from sleep_pipeline.gate.decide import RHYTHMS
+from sleep_pipeline.gate.model_card import bound_text, fmt
 from sleep_pipeline.gate.suites import GROUP, MANIFEST, TASK_BY_NAME
 
 GATE_GROUP = "gate"
@@ -56,12 +57,11 @@ def _bullets(items) -> str:
 def _metrics_md(verdict: dict) -> str:
     lines = ["| check | task | metric | value | ± stderr | threshold | live | delta | untrained | pass |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda x, s=False: "—" if x is None else (f"{x:+.3f}" if s else f"{x:.3f}")  # noqa: E731
     for r in verdict["rows"]:
-        bound = "—" if r["threshold"] is None else ("≥ " if r["higher_is_better"] else "≤ ") + f(r["threshold"])
+        bound = bound_text(r["threshold"], r["higher_is_better"])
         ok = "—" if r["passed"] is None else ("yes" if r["passed"] else "**no**")
-        lines.append(f"| {r['kind']} | {r['task']} | {r['metric']} | {f(r['value'])} | {f(r['stderr'])} | {bound} | "
-                     f"{f(r['live'])} | {f(r['delta'], True)} | {f(r['base'])} | {ok} |")
+        lines.append(f"| {r['kind']} | {r['task']} | {r['metric']} | {fmt(r['value'])} | {fmt(r['stderr'])} | {bound} | "
+                     f"{fmt(r['live'])} | {fmt(r['delta'], signed=True)} | {fmt(r['base'])} | {ok} |")
     return "\n".join(lines)
 
 

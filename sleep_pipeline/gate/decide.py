@@ -26,7 +26,7 @@ import yaml
 
 from sleep_pipeline.config import RecipeError, stable_hash
 from sleep_pipeline.gate.evaluate import Evaluation, Score
-from sleep_pipeline.gate.model_card import beats
+from sleep_pipeline.gate.model_card import beats, bound_text, fmt
 from sleep_pipeline.gate.suites import CAPABILITY, PERPLEXITY, SAFETY, TASK_BY_NAME, TASKS, metric_spec
 
 RHYTHMS = ("nightly", "weekly", "monthly")
@@ -226,10 +226,6 @@ def _combined(a: float | None, b: float | None) -> float:
     return math.sqrt(sum(x * x for x in vals))
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3f}"
-
-
 def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, rhythm: str,
            base: Evaluation | None = None) -> Verdict:
     if rhythm not in RHYTHMS:
@@ -247,8 +243,8 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
             th = thresholds.get((task.name, m.name))
             if th is not None:
                 row.threshold, row.passed = th.bound, th.holds(s.value)
-                label = f"{task.name}/{m.name} = {_fmt(s.value)} ± {_fmt(s.stderr)}"
-                bound = ("≥ " if th.higher_is_better else "≤ ") + _fmt(th.bound)
+                label = f"{task.name}/{m.name} = {fmt(s.value)} ± {fmt(s.stderr)}"
+                bound = bound_text(th.bound, th.higher_is_better)
                 if not row.passed:
                     failures[kind].append(f"{label} misses its threshold {bound}")
                 elif abs(s.value - th.bound) <= recipe.near_threshold_stderrs * (s.stderr or 0):
@@ -262,8 +258,8 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
             if b is not None:
                 row.base, row.base_stderr = b.value, b.stderr
             if row.regressed and task.kind != PERPLEXITY:
-                msg = (f"{task.name}/{m.name} regressed vs the live release: {_fmt(row.live)} -> {_fmt(s.value)} "
-                       f"(worse by {_fmt(row.worse_by)}, beyond the noise interval {_fmt(row.noise)})")
+                msg = (f"{task.name}/{m.name} regressed vs the live release: {fmt(row.live)} -> {fmt(s.value)} "
+                       f"(worse by {fmt(row.worse_by)}, beyond the noise interval {fmt(row.noise)})")
                 if kind == SAFETY:
                     failures[SAFETY].append(msg)
                 elif row.headline and task.bucket:
@@ -278,8 +274,8 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
             continue
         drop, status = row.worse_by, "ok"
         if row.regressed:
-            msg = (f"bucket {row.bucket}: {row.task}/{row.metric} dropped {_fmt(drop)} vs the live release "
-                   f"({_fmt(row.live)} -> {_fmt(row.value)}, noise interval {_fmt(row.noise)})")
+            msg = (f"bucket {row.bucket}: {row.task}/{row.metric} dropped {fmt(drop)} vs the live release "
+                   f"({fmt(row.live)} -> {fmt(row.value)}, noise interval {fmt(row.noise)})")
             if drop > recipe.forgetting_hard_limit:
                 status = "fail"
                 failures[SAFETY if row.kind == SAFETY else CAPABILITY].append(

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+CARD_DIGITS = 4
+
 
 def beats(value: float, stderr: float | None, other: float | None, other_stderr: float | None,
           higher_is_better: bool) -> bool | None:
@@ -62,10 +64,20 @@ class CardFacts:
     license: str = "apache-2.0"
 
 
-def _fmt(x: float | None, signed: bool = False) -> str:
+def fmt(x: float | None, digits: int = 3, signed: bool = False) -> str:
+    """A metric as the reports print it: fixed digits, an explicit sign for deltas, "—" for none."""
     if x is None:
         return "—"
-    return f"{x:+.4f}" if signed else f"{x:.4f}"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def bound_text(bound: float | None, higher_is_better: bool, digits: int = 3) -> str:
+    """A threshold as the reports print it: "≥ 0.900" / "≤ 0.050", "—" for none."""
+    return "—" if bound is None else ("≥ " if higher_is_better else "≤ ") + fmt(bound, digits)
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    return fmt(x, CARD_DIGITS, signed)
 
 
 def front_matter(facts: CardFacts) -> dict:
@@ -105,7 +117,7 @@ def render(facts: CardFacts) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in facts.metrics:
-        bound = "—" if m.threshold is None else ("≥ " if m.higher_is_better else "≤ ") + _fmt(m.threshold)
+        bound = bound_text(m.threshold, m.higher_is_better, CARD_DIGITS)
         verdict = "—" if m.passed is None else ("yes" if m.passed else "**no**")
         lines.append(f"| {m.kind} | {m.suite} | {m.metric} | {_fmt(m.value)} | {_fmt(m.stderr)} | {bound} | "
                      f"{_fmt(m.previous)} | {_fmt(m.delta, signed=True)} | {verdict} |")
