@@ -1,6 +1,7 @@
 """The checkpoint contract: atomic publish, verified manifest, no pickles, last N kept."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -81,3 +82,35 @@ def test_atomic_replacement_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["run_state.json"]  # no temporary file left
     write_atomic(target, "ünïcode")
     assert target.read_text(encoding="utf-8") == "ünïcode"
+
+
+def test_atomic_writers_in_threads_never_see_each_others_halves(tmp_path):
+    import threading
+
+    from sleep_pipeline.fsio import write_atomic
+
+    target, errors = tmp_path / "card.md", []
+
+    def writer(n: int) -> None:
+        try:
+            for _ in range(40):
+                write_atomic(target, str(n) * 5000)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    text = target.read_text()
+    assert len(set(text)) == 1 and len(text) == 5000  # one writer's whole file
+    assert [p.name for p in tmp_path.iterdir()] == ["card.md"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -212,7 +212,7 @@ def test_time_limit_stops_saves_and_publishes(tmp_path, small_mix):
 
 
 def test_stale_extension_build_locks_are_cleared(tmp_path, monkeypatch):
-    from sleep_pipeline.train.worker import clear_stale_extension_locks
+    from sleep_pipeline.train.ops import clear_stale_extension_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
@@ -252,3 +252,23 @@ def test_too_little_shared_memory_is_a_clear_error_not_a_hang(tmp_path):
     check_room(2, shm_dir=tmp_path, segment_bytes=free // 4)
     with pytest.raises(SharedMemoryFull, match=r"needs 2 x .* MiB there"):
         check_room(2, shm_dir=tmp_path, segment_bytes=free // 2 + 1)
+
+
+def test_a_build_lock_left_by_a_killed_loader_does_not_hang_the_next_launch(tmp_path):
+    """torch's own lock file carries no owner: a rank killed inside the op load leaves it, fresh, and
+    the age rule would keep every launch waiting for 15 minutes. Loads go through our flock instead."""
+    from sleep_pipeline.train.ops import OP_NAME
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env.pop("TORCH_EXTENSIONS_DIR", None)
+    code = ("import os, sys; from sleep_pipeline.train.ops import use_environment_build_root, preload_cpu_ops; "
+            "use_environment_build_root(); print(os.environ['TORCH_EXTENSIONS_DIR']); sys.exit(0 if preload_cpu_ops() else 3)")
+    first = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = Path(first.stdout.splitlines()[0])
+    [build_dir] = [p.parent for p in root.rglob(f"{OP_NAME}.so")]
+    (build_dir / "lock").touch()  # what a SIGKILL inside torch's load leaves behind
+    again = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not (build_dir / "lock").exists()
+    assert "removed a stale build lock" in again.stderr

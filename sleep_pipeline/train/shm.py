@@ -7,7 +7,7 @@ launches fill the machine's memory.
 
 The fix has three parts:
 
-* :func:`release_run_segments` -- each rank calls it once every rank has mapped every peer's segment
+* :func:`release_run_segments` -- rank 0 calls it once every rank has mapped every peer's segment
   (after a barrier past DeepSpeed's communication set-up). Unlinking only removes the names; the
   mappings live on until the ranks exit, however they exit (SIGKILL included), and the kernel frees
   the memory then.
@@ -20,6 +20,7 @@ The fix has three parts:
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -62,7 +63,8 @@ def run_segments(addr: str | None = None, port: str | int | None = None, shm_dir
     port = port if port is not None else os.environ.get("MASTER_PORT", "")
     if not shm_dir.is_dir():
         return []
-    return sorted(shm_dir.glob(f"{_own_prefix()}{addr}_{port}_*"))
+    addr = addr if addr == "*" else glob.escape(addr)
+    return sorted(shm_dir.glob(f"{_own_prefix()}{addr}_{glob.escape(str(port))}_*"))
 
 
 def release_run_segments(addr: str | None = None, port: str | int | None = None, shm_dir: Path = SHM_DIR) -> int:
@@ -80,15 +82,16 @@ def release_run_segments(addr: str | None = None, port: str | int | None = None,
 def mapped_paths(shm_dir: Path = SHM_DIR) -> set[str]:
     """Files under the shared-memory directory that some process we can inspect has mapped."""
     mapped: set[str] = set()
+    needle = os.fsencode(str(shm_dir) + "/")
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            text = maps.read_text()
-        except (OSError, UnicodeDecodeError):
+            data = maps.read_bytes()
+        except OSError:
             continue  # gone, or not ours to read
-        for line in text.splitlines():
-            idx = line.find(str(shm_dir) + "/")
+        for line in data.splitlines():
+            idx = line.find(needle)
             if idx >= 0:
-                mapped.add(line[idx:].removesuffix(" (deleted)"))
+                mapped.add(os.fsdecode(line[idx:].removesuffix(b" (deleted)")))
     return mapped
 
 
@@ -108,8 +111,8 @@ def sweep_stale_segments(shm_dir: Path = SHM_DIR, stale_after_s: float = STALE_A
             if str(path) in mapped or now - stat.st_mtime < stale_after_s:
                 continue
             path.unlink()
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: this is best-effort housekeeping
         removed.append(path)
         freed += stat.st_size
     if removed:

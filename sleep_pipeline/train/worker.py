@@ -106,28 +106,6 @@ def watch_parent(poll_s: float = 2.0) -> None:
     threading.Thread(target=loop, name="watch-parent", daemon=True).start()
 
 
-STALE_LOCK_S = 900
-
-
-def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
-    """Remove torch-extension build locks left by a process killed while it held one.
-
-    DeepSpeed JIT-loads its ops through ``torch.utils.cpp_extension``, which serialises builds with a
-    lock file; a rank killed while holding it leaves the file behind and every later launch waits on
-    it forever. A real build takes minutes, so a lock older than ``max_age_s`` is stale."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    removed = []
-    for lock in root.glob("*/*/lock") if root.exists() else []:
-        try:
-            if time.time() - lock.stat().st_mtime > max_age_s:
-                lock.unlink()
-                removed.append(lock)
-                print(f"removed a stale build lock {lock}", file=sys.stderr, flush=True)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
 def _dist():
     import torch.distributed as dist
 
@@ -457,6 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sleep_pipeline.train.ops import clear_stale_extension_locks, preload_cpu_ops, use_environment_build_root
     from sleep_pipeline.train.shm import SharedMemoryFull, check_room, sweep_stale_segments
 
     args = parse_args(argv)
@@ -465,17 +444,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     watch_parent()
+    use_environment_build_root()
     if rank == 0:
         clear_stale_extension_locks()
         sweep_stale_segments()
     reporter = Reporter(rank)
     try:
+        cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
         local = int(os.environ.get("LOCAL_SIZE", "0"))
-        if rank == 0 and os.environ.get("DS_ACCELERATOR") == "cpu" and local == int(os.environ.get("WORLD_SIZE", "1")):
+        if rank == 0 and cpu and local == int(os.environ.get("WORLD_SIZE", "1")):
             try:  # every rank on this machine: DeepSpeed will put its all-reduce buffers in /dev/shm
                 check_room(local)
             except SharedMemoryFull as exc:
                 raise WorkerError(str(exc)) from None
+        if cpu:
+            preload_cpu_ops(say=reporter.info)
         run(args, reporter)
         return 0
     except WorkerError as exc:
