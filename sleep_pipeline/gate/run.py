@@ -14,7 +14,6 @@ from; the next suites then leave those items out, so they stay held out.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,9 +240,9 @@ def write_card(report: GateReport, verdict: Verdict, decision: str, version: str
     checkpoint digest); returns the Markdown."""
     candidate = Path(report.candidate_path)
     text = model_card.render(_card_facts(report, verdict, read_manifest(candidate), decision, version))
-    card = write_atomic(report.card_path, text)
+    write_atomic(report.card_path, text)
     if candidate.is_dir():
-        shutil.copyfile(card, candidate / CARD)
+        write_atomic(candidate / CARD, text)
     return text
 
 

@@ -29,19 +29,20 @@ from pathlib import Path
 
 STALE_LOCK_S = 900
 OP_NAME = "deepspeed_shm_comm"
+DEFAULT_ROOT = Path.home() / ".cache" / "torch_extensions"  # torch's own default build root
 
 
 def extensions_root() -> Path:
     """Where torch builds extensions for this process: ``TORCH_EXTENSIONS_DIR`` or torch's default."""
     explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
-    return Path(explicit) if explicit else Path.home() / ".cache" / "torch_extensions"
+    return Path(explicit) if explicit else DEFAULT_ROOT
 
 
 def use_environment_build_root() -> Path:
     """Point torch at a build root of this virtual environment's own, unless the user chose one."""
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
         env_id = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"env-{env_id}")
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(DEFAULT_ROOT / f"env-{env_id}")
     return extensions_root()
 
 

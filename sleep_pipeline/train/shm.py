@@ -75,7 +75,7 @@ def release_run_segments(addr: str | None = None, port: str | int | None = None,
             path.unlink()
             removed += 1
         except FileNotFoundError:
-            pass  # a peer rank got there first
+            pass  # already gone (the ranks released it before the launcher exited)
     return removed
 
 
