@@ -58,10 +58,19 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    row = con.execute(
+    # fetchall, not fetchone: DuckDB 2 keeps a partly fetched result open, and the connection's next
+    # relation query (``con.sql``) then fails with "connection has an unfinished result"
+    rows = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
-    ).fetchone()
-    return bool(row and row[0])
+    ).fetchall()
+    return bool(rows and rows[0][0])
+
+
+def query_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> list[dict]:
+    """Every row of ``sql`` as a dict, fully fetched (so the connection is free for the next query)."""
+    cur = con.execute(sql, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 SCHEMA = """

@@ -74,3 +74,27 @@ def test_all_sources_ingest_at_once_into_one_file(recipes_dir, storage):
         ingests = dict(con.execute("SELECT source, records_ok FROM source_ingests").fetchall())
     assert set(got) == set(names)
     assert got == ingests
+
+
+def test_a_mix_built_on_a_storage_with_replay_rows_does_not_trip_over_an_open_result(tmp_path):
+    """A second cycle on one storage: the replay table exists, and reading it after the existence check
+    used to fail with DuckDB's "connection has an unfinished result from execute()"."""
+    from sleep_pipeline.config import DataRecipe, DedupConfig, MixConfig, QualityConfig
+    from sleep_pipeline.data.mix import REPLAY_TABLE, materialize_mix
+    from sleep_pipeline.store import ensure_schema
+
+    db = tmp_path / "sleep.duckdb"
+    with connect(db) as con:
+        ensure_schema(con)
+        con.execute("INSERT INTO deduped_corpus SELECT 'r' || range, 's', 1, range, 'reasoning', '', 'q' || range, "
+                    "'a', '{}', 'c' || range, '', 'cv1' FROM range(400)")
+        con.execute(f"CREATE TABLE {REPLAY_TABLE} (example_id VARCHAR, bucket VARCHAR, system VARCHAR, prompt VARCHAR, "
+                    "response VARCHAR, meta VARCHAR, report_id VARCHAR, added_at TIMESTAMP)")
+        con.execute(f"INSERT INTO {REPLAY_TABLE} SELECT 'e' || range, 'reasoning', NULL, 'hard ' || range, 'a', NULL, "
+                    "'gate-1', now() FROM range(30)")
+
+    mix = MixConfig(seed=1, bucket_ratios={"reasoning": 1.0}, tier_weights={1: 1.0},
+                    split_ratios={"train": 0.8, "validation": 0.1, "test": 0.1}, replay_ratio=0.05, replay_cap=10)
+    recipe = DataRecipe(sources=(), quality=QualityConfig(), dedup=DedupConfig(), mix=mix)
+    manifest = materialize_mix(recipe, db, tmp_path / "mixes")
+    assert manifest["counts"]["per_origin"].get("replay", 0) > 0

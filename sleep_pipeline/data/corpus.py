@@ -21,7 +21,7 @@ from sleep_pipeline.data.dedup import DedupResult, dedup
 from sleep_pipeline.data.generate import generate_source
 from sleep_pipeline.data.ingest import QuarantineRow, excerpt, read_source
 from sleep_pipeline.progress import LogFn, Progress
-from sleep_pipeline.store import connect, ensure_schema, insert_rows, latest_ingests, utcnow
+from sleep_pipeline.store import connect, ensure_schema, insert_rows, latest_ingests, query_dicts, utcnow
 
 RECORD_COLUMNS = ("record_id", "source", "tier", "line_no", "bucket", "system", "prompt", "response", "meta")
 
@@ -172,10 +172,9 @@ def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: L
     with connect(db_path) as con:
         ensure_schema(con)
         ingest_by_source = latest_ingests(con, names)
-        rows = con.sql(
-            f"SELECT {', '.join(RECORD_COLUMNS)} FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))",
-            params=[names],
-        ).to_arrow_table().to_pylist()
+        rows = query_dicts(
+            con, f"SELECT {', '.join(RECORD_COLUMNS)} FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))",
+            [names])
         ingest_q = con.execute(
             "SELECT source, reason, count(*) FROM quarantine WHERE stage = 'ingest' AND source IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL",
             [names],

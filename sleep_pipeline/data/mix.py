@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sleep_pipeline.config import SPLITS, DataRecipe, MixConfig, stable_hash
 from sleep_pipeline.progress import LogFn
-from sleep_pipeline.store import connect, ensure_schema, insert_rows, table_exists, utcnow
+from sleep_pipeline.store import connect, ensure_schema, insert_rows, query_dicts, table_exists, utcnow
 
 MIX_COLUMNS = ("version_id", "split", "record_id", "cluster_id", "bucket", "tier", "source", "origin",
                "system", "prompt", "response", "meta")
@@ -115,15 +115,13 @@ def materialize_mix(recipe: DataRecipe, db_path: Path, mixes_dir: Path, log: Log
     """Build the mix from ``deduped_corpus`` (+ replay table), persist it, return the manifest."""
     with connect(db_path) as con:
         ensure_schema(con)
-        corpus = con.sql(
-            "SELECT record_id, cluster_id, bucket, tier, source, system, prompt, response, meta, corpus_version FROM deduped_corpus"
-        ).to_arrow_table().to_pylist()
+        corpus = query_dicts(
+            con, "SELECT record_id, cluster_id, bucket, tier, source, system, prompt, response, meta, corpus_version FROM deduped_corpus")
         replay = []
         if table_exists(con, REPLAY_TABLE):
-            replay = con.sql(
-                f"SELECT example_id AS record_id, example_id AS cluster_id, bucket, 1 AS tier, 'replay' AS source, "
-                f"coalesce(system, '') AS system, prompt, response, coalesce(meta, '{{}}') AS meta FROM {REPLAY_TABLE}"
-            ).to_arrow_table().to_pylist()
+            replay = query_dicts(
+                con, f"SELECT example_id AS record_id, example_id AS cluster_id, bucket, 1 AS tier, 'replay' AS source, "
+                     f"coalesce(system, '') AS system, prompt, response, coalesce(meta, '{{}}') AS meta FROM {REPLAY_TABLE}")
         parent = con.execute("SELECT version_id FROM data_versions ORDER BY created_at DESC LIMIT 1").fetchone()
     if not corpus:
         raise RuntimeError("deduped_corpus is empty: nothing to mix (materialise deduped_corpus first)")
