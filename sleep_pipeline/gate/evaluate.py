@@ -6,7 +6,8 @@ model + tokenizer (e.g. a quantised one) is wrapped in lm-eval's ``HFLM`` and ev
 :func:`sleep_pipeline.gate.generation.greedy_generate`, which lets finished rows leave the batch;
 log-likelihood requests run in batches of at most ``LOGLIKELIHOOD_BATCH``. Every metric comes back with its
 standard error (lm-eval's standard error of the mean over documents). Per-document results are kept
-so failing items can be replayed into training.
+so failing items can be replayed into training. The refusal judge is an argument, bound for the
+scoring hooks only while the evaluation runs (:func:`sleep_pipeline.gate.scoring.judged_by`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sleep_pipeline.gate import scoring
+from sleep_pipeline.gate.judge import Judge
 from sleep_pipeline.gate.suites import PERPLEXITY, TASK_BY_NAME, TASKS
 
 # log-likelihood scoring runs whole sequences with full-vocabulary logits; past ~8 rows a batch only
@@ -114,16 +117,17 @@ def _evaluate_task(lm, manager, name: str, limit: int | None, chat: bool) -> dic
 
 
 def evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None = None, limit: int | None = None,
-             batch_size: int = 32, max_length: int | None = None, log=None, judge_spec: str | None = None,
+             batch_size: int = 32, max_length: int | None = None, log=None, judge: Judge | None = None,
              keep_samples: bool = True) -> Evaluation:
-    """Evaluate ``model`` on the suites in ``suites_dir`` (all tasks unless ``tasks``), ``limit`` docs each."""
+    """Evaluate ``model`` on the suites in ``suites_dir`` (all tasks unless ``tasks``), ``limit`` docs each,
+    refusals judged by ``judge`` (the rules when None)."""
     os.environ.update(OFFLINE_ENV)
-    if judge_spec is not None:
-        from sleep_pipeline.gate import scoring
-        from sleep_pipeline.gate.judge import JUDGE_ENV
+    with scoring.judged_by(judge):
+        return _evaluate(model, tokenizer, suites_dir, tasks, limit, batch_size, max_length, log, keep_samples)
 
-        os.environ[JUDGE_ENV] = judge_spec
-        scoring._judge.cache_clear()
+
+def _evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None, limit: int | None, batch_size: int,
+              max_length: int | None, log, keep_samples: bool) -> Evaluation:
     from lm_eval.tasks import TaskManager
 
     names = tasks or [t.name for t in TASKS]
