@@ -25,6 +25,14 @@ def _md_table(headers: list[str], rows: list[list]) -> dg.MetadataValue:
         lines.append("| " + " | ".join(cells) + " |")
     return dg.MetadataValue.md("\n".join(lines))
 
+def _shares_table(shares: dict[str, dict], available: dict[str, int]) -> dg.MetadataValue:
+    """Each bucket's share of the whole mix against its target, with fresh and replay rows apart."""
+    return _md_table(
+        ["bucket", "examples", "fresh", "replay", "target share", "actual share", "available"],
+        [[b, v["fresh"] + v["replay"], v["fresh"], v["replay"], f"{v['target']:.3f}", f"{v['actual']:.3f}",
+          available.get(b, 0)] for b, v in shares.items()],
+    )
+
 def source_key(name: str) -> dg.AssetKey:
     return dg.AssetKey(["raw", name])
 
@@ -128,11 +136,7 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
                 "parent_version": m["parent_version"] or "",
                 "corpus_version": m["corpus_version"],
                 "config_hash": m["config_hash"],
-                "buckets": _md_table(
-                    ["bucket", "examples", "target share", "actual share", "available"],
-                    [[b, m["counts"]["per_bucket"].get(b, 0), f"{v['target']:.3f}", f"{v['actual']:.3f}",
-                      m["available_per_bucket"].get(b, 0)] for b, v in shares.items()],
-                ),
+                "buckets": _shares_table(shares, m["available_per_bucket"]),
                 "per_split": _md_table(["split", "examples"], list(m["counts"]["per_split"].items())),
                 "per_tier": _md_table(["tier", "examples"], list(m["counts"]["per_tier"].items())),
                 "per_source": _md_table(["source", "examples"], list(m["counts"]["per_source"].items())),
@@ -165,6 +169,7 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
         return dg.AssetCheckResult(
             passed=ok,
             metadata={"tolerance": tolerance, "off_by_more": dg.MetadataValue.json(off),
+                      "buckets": _shares_table(shares, m.get("available_per_bucket", {})),
                       "shares": dg.MetadataValue.json(shares), "version_id": m["version_id"]},
         )
 

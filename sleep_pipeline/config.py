@@ -195,7 +195,16 @@ class MixConfig:
     total_examples: int | None = None  # None: as many as every bucket can fill without repeats
     replay_ratio: float = 0.0
     replay_cap: int = 0
+    replay_per_bucket_cap: int | None = None  # None: replay_cap split evenly over the buckets in the mix
     ratio_tolerance: float = 0.02
+
+    def replay_bucket_cap(self) -> int:
+        """Replay examples one bucket may contribute: ``replay_per_bucket_cap``, or when unset the overall
+        cap split evenly over the buckets with a positive ratio, rounded up."""
+        if self.replay_per_bucket_cap is not None:
+            return self.replay_per_bucket_cap
+        buckets = sum(1 for r in self.bucket_ratios.values() if r > 0)
+        return math.ceil(self.replay_cap / buckets) if buckets else 0
 
 
 SPLITS = ("train", "validation", "test")
@@ -314,13 +323,18 @@ def _parse_mix(raw: Any, where: str) -> MixConfig:
     replay = raw.get("replay") or {}
     if not isinstance(replay, dict):
         raise _fail(f"{where}.replay", "must be a mapping")
-    _check_keys(replay, {"ratio", "cap"}, f"{where}.replay")
+    _check_keys(replay, {"ratio", "cap", "per_bucket_cap"}, f"{where}.replay")
     total = _get(raw, "total_examples", where, int, None)
     if total is not None and total <= 0:
         raise _fail(f"{where}.total_examples", "must be positive (or omitted for 'as many as fit')")
     cap = _get(replay, "cap", f"{where}.replay", int, 0)
     if cap < 0:
         raise _fail(f"{where}.replay.cap", "must be >= 0")
+    per_bucket_cap = _get(replay, "per_bucket_cap", f"{where}.replay", int, None)
+    if per_bucket_cap is not None and per_bucket_cap < 1:
+        raise _fail(f"{where}.replay.per_bucket_cap",
+                    f"must be a positive number of examples, got {per_bucket_cap} (omit it for the overall cap "
+                    "split evenly over the buckets with a positive ratio)")
     return MixConfig(
         seed=_get(raw, "seed", where, int),
         bucket_ratios=bucket_ratios,
@@ -329,6 +343,7 @@ def _parse_mix(raw: Any, where: str) -> MixConfig:
         total_examples=total,
         replay_ratio=_in_range(_get(replay, "ratio", f"{where}.replay", float, 0.0), 0, 0.5, f"{where}.replay.ratio"),
         replay_cap=cap,
+        replay_per_bucket_cap=per_bucket_cap,
         ratio_tolerance=_in_range(_get(raw, "ratio_tolerance", where, float, 0.02), 0, 1, f"{where}.ratio_tolerance"),
     )
 

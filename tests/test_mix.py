@@ -5,11 +5,12 @@ import json
 import duckdb
 import pytest
 
-from sleep_pipeline.config import load_data_recipe
-from sleep_pipeline.config import MixConfig
+from sleep_pipeline.config import BUCKETS, MixConfig, RecipeError, load_data_recipe
 from sleep_pipeline.data.corpus import build_deduped_corpus, ingest_source
 from sleep_pipeline.data.dedup import dedup
 from sleep_pipeline.data.mix import build_mix, check_bucket_ratios, materialize_mix
+from sleep_pipeline.data.replay import feed
+from tests.conftest import RECIPES
 
 MIX = MixConfig(seed=1, bucket_ratios={"reasoning": 0.5, "planning": 0.3, "tool_use": 0.2},
                 tier_weights={1: 1.0, 2: 0.5, 3: 0.0}, split_ratios={"train": 0.8, "validation": 0.1, "test": 0.1})
@@ -44,15 +45,52 @@ def test_tier_weights_prefer_trusted_sources():
     assert tiers.count(1) > 3 * tiers.count(2)
 
 
+def _replay(bucket, n):
+    return [{"record_id": f"hard-{bucket}-{i}", "cluster_id": f"hard-{bucket}-{i}", "bucket": bucket, "tier": 1,
+             "source": "replay", "system": "", "prompt": f"hard {bucket} {i}", "response": "x", "meta": "{}"}
+            for i in range(n)]
+
+
+def _count_buckets(rows, origin=None):
+    out = {}
+    for r in rows:
+        if origin is None or r["origin"] == origin:
+            out[r["bucket"]] = out.get(r["bucket"], 0) + 1
+    return out
+
+
 def test_replay_is_capped_and_goes_to_train():
-    replay = [{"record_id": f"hard-{i}", "cluster_id": f"hard-{i}", "bucket": "reasoning", "tier": 1, "source": "replay",
-               "system": "", "prompt": f"hard {i}", "response": "x", "meta": "{}"} for i in range(500)]
-    mix = MixConfig(**{**MIX.__dict__, "total_examples": 400, "replay_ratio": 0.2, "replay_cap": 50})
-    rows, facts = build_mix(_corpus(), replay, mix)
+    # every replay row is in one bucket here, so the per-bucket cap is raised to test the overall one
+    mix = MixConfig(**{**MIX.__dict__, "total_examples": 400, "replay_ratio": 0.2, "replay_cap": 50,
+                       "replay_per_bucket_cap": 100})
+    rows, facts = build_mix(_corpus(), _replay("reasoning", 500), mix)
     replayed = [r for r in rows if r["origin"] == "replay"]
     assert len(replayed) == 50 == facts["replay"]["taken"]
     assert {r["split"] for r in replayed} == {"train"}
     assert len(rows) == 400
+    # replay rows count toward their bucket: reasoning is still half of the mix
+    assert _count_buckets(rows) == {"reasoning": 200, "planning": 120, "tool_use": 80}
+    assert _count_buckets(rows, "fresh")["reasoning"] == 150
+
+
+def test_replay_is_stratified_and_capped_per_bucket():
+    replay = _replay("reasoning", 500) + _replay("planning", 500) + _replay("tool_use", 3) + _replay("safety", 5)
+    mix = MixConfig(**{**MIX.__dict__, "total_examples": 400, "replay_ratio": 0.2, "replay_cap": 50})
+    assert mix.replay_bucket_cap() == 17  # unset: 50 split over the 3 buckets of the mix, rounded up
+    rows, facts = build_mix(_corpus(), replay, mix)
+    assert facts["replay"]["taken_per_bucket"] == {"planning": 17, "reasoning": 17, "tool_use": 3}
+    assert facts["replay"]["not_in_mix"] == 5  # safety has no share of this mix: never replayed into it
+    assert facts["replay"]["times_replayed_taken"] == {"0": 37}
+    assert len(rows) == 400
+    # the overall cap binds when the per-bucket one is loose (buckets take turns in name order) ...
+    mix = MixConfig(**{**mix.__dict__, "replay_cap": 30, "replay_per_bucket_cap": 150})
+    _, facts = build_mix(_corpus(), replay, mix)
+    assert facts["replay"]["taken_per_bucket"] == {"planning": 14, "reasoning": 13, "tool_use": 3}
+    # ... and no bucket gets more replay rows than its whole share of the mix (tool_use: 0.2 x 400)
+    mix = MixConfig(**{**mix.__dict__, "replay_cap": 300, "replay_ratio": 0.5})
+    rows, facts = build_mix(_corpus(), _replay("reasoning", 500) + _replay("tool_use", 500), mix)
+    assert facts["replay"]["taken_per_bucket"] == {"reasoning": 120, "tool_use": 80}
+    assert _count_buckets(rows) == {"reasoning": 200, "planning": 120, "tool_use": 80}
 
 
 def test_same_seed_same_mix_other_seed_other_mix():
@@ -74,6 +112,52 @@ def test_ratio_check_flags_a_starved_bucket():
     ok, shares = check_bucket_ratios(manifest, tolerance=0.02)
     assert not ok and shares["reasoning"]["actual"] < 0.5 - 0.02
     assert check_bucket_ratios(manifest, tolerance=0.2)[0]
+
+
+def _manifest_of(rows, mix):
+    return {"counts": {"fresh_per_bucket": _count_buckets(rows, "fresh"), "replay_per_bucket": _count_buckets(rows, "replay")},
+            "bucket_ratios": mix.bucket_ratios}
+
+
+def test_ratio_check_judges_fresh_and_replay_rows_together(tmp_path):
+    mix = load_data_recipe(RECIPES, tmp_path).mix  # the embedded default: 6000 examples, replay 0.05 / cap 300
+    corpus = [{"record_id": f"{b}-{i}", "cluster_id": f"{b}-{i}", "bucket": b, "tier": 1, "source": "s", "system": "",
+               "prompt": f"{b} {i}", "response": "a", "meta": "{}"} for b in BUCKETS for i in range(1200)]
+    flood = _replay("safety", 300) + _replay("reasoning", 50)
+    for replay in ([], flood):
+        rows, _ = build_mix(corpus, replay, mix)
+        ok, shares = check_bucket_ratios(_manifest_of(rows, mix), mix.ratio_tolerance)
+        assert ok and len(rows) == 6000, shares
+    assert shares["safety"]["replay"] == shares["reasoning"]["replay"] == mix.replay_bucket_cap()
+    assert shares["safety"]["fresh"] + shares["safety"]["replay"] == 0.09 * 6000
+
+    # 300 safety replays allowed: planned, safety's fresh rows make room and the mix still passes
+    loose = MixConfig(**{**mix.__dict__, "replay_per_bucket_cap": 300})
+    rows, _ = build_mix(corpus, flood, loose)
+    ok, shares = check_bucket_ratios(_manifest_of(rows, loose), loose.ratio_tolerance)
+    assert ok and shares["safety"] == {"target": 0.09, "actual": 0.09, "fresh": 540 - 250, "replay": 250}
+    # the same replay on top of fresh rows planned without it (as before) floods safety: the check fails,
+    # where judging the fresh rows alone would have passed
+    fresh = {b: round(r * (6000 - 300)) for b, r in mix.bucket_ratios.items()}
+    bypassed = {"counts": {"fresh_per_bucket": fresh, "replay_per_bucket": {"safety": 250, "reasoning": 50}},
+                "bucket_ratios": mix.bucket_ratios}
+    ok, shares = check_bucket_ratios(bypassed, mix.ratio_tolerance)
+    assert not ok and shares["safety"]["actual"] > 0.09 + mix.ratio_tolerance
+    assert check_bucket_ratios({**bypassed, "counts": {"fresh_per_bucket": fresh}}, mix.ratio_tolerance)[0]
+
+
+def test_replay_per_bucket_cap_is_validated(recipes_dir, tmp_path):
+    assert load_data_recipe(recipes_dir, tmp_path).mix.replay_per_bucket_cap == 40
+    data = (recipes_dir / "data.yaml").read_text()
+    (recipes_dir / "data.yaml").write_text(data.replace("per_bucket_cap: 40", "per_bucket_cap: 0"))
+    with pytest.raises(RecipeError, match=r"mix.replay.per_bucket_cap: must be a positive number"):
+        load_data_recipe(recipes_dir, tmp_path)
+    (recipes_dir / "data.yaml").write_text(data.replace("per_bucket_cap: 40", "per_bucket_cap: many"))
+    with pytest.raises(RecipeError, match=r"mix.replay.per_bucket_cap: must be int"):
+        load_data_recipe(recipes_dir, tmp_path)
+    (recipes_dir / "data.yaml").write_text(data.replace("per_bucket_cap: 40", ""))
+    mix = load_data_recipe(recipes_dir, tmp_path).mix
+    assert mix.replay_per_bucket_cap is None and mix.replay_bucket_cap() == 38  # 300 over 8 buckets, rounded up
 
 
 def test_embedded_mix_has_no_near_duplicates_across_splits_and_a_manifest(recipes_dir, storage):
@@ -110,6 +194,23 @@ def test_embedded_mix_has_no_near_duplicates_across_splits_and_a_manifest(recipe
     second = materialize_mix(dataclasses.replace(recipe, mix=dataclasses.replace(recipe.mix, seed=99)), db, storage / "mixes")
     assert second["version_id"] != first["version_id"]
     assert second["parent_version"] == first["version_id"]
+
+    # A gate's failures in the replay table (300 safety, 50 reasoning): capped per bucket, counted toward
+    # their buckets, and the blocking ratio check still passes.
+    failing = [{"example_id": f"{b}-{i}", "bucket": b, "system": "", "prompt": f"failed {b} item {i}", "response": "ok",
+                "meta": "{}"} for b, n in (("reasoning", 50), ("safety", 300)) for i in range(n)]
+    assert feed(db, "gate-1", failing, max_items=350, per_bucket_cap=300) == {"reasoning": 50, "safety": 300}
+    third = materialize_mix(recipe, db, storage / "mixes")
+    cap = recipe.mix.replay_bucket_cap()
+    assert third["counts"]["replay_per_bucket"] == {"reasoning": cap, "safety": cap}
+    assert third["replay"]["taken_per_bucket"] == {"reasoning": cap, "safety": cap}
+    # every bucket as close to ratio x total as its fresh records allow (safety has fewer than its share)
+    replayed = third["counts"]["replay_per_bucket"]
+    for b, target in third["requested_per_bucket"].items():
+        assert third["counts"]["per_bucket"][b] == min(target, third["available_per_bucket"][b] + replayed.get(b, 0))
+    ok, shares = check_bucket_ratios(third, recipe.mix.ratio_tolerance)
+    assert ok, shares
+    assert shares["safety"]["fresh"] + shares["safety"]["replay"] == third["counts"]["per_bucket"]["safety"]
 
 
 def test_split_follows_the_cluster_not_the_record():
