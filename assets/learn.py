@@ -12,7 +12,7 @@ from sleep_pipeline.data.mix import latest_manifest
 from sleep_pipeline.plots import loss_curve_markdown
 
 LEARN_GROUP = "learn"
-WORKER_MODULE = "sleep_pipeline.train.worker"
+WORKER_MODULE = "sleep_pipeline.train.sft"
 
 
 class LearnConfig(dg.Config):

@@ -94,7 +94,7 @@ def test_ranks_stop_when_the_launching_process_is_killed_outright(tmp_path, reci
 import os, subprocess, sys, time
 from resources.deepspeed import DeepSpeedClusterResource
 res = DeepSpeedClusterResource()
-cmd = res.build_command("sleep_pipeline.train.worker", ["--recipe", {str(recipes_dir / 'learn.yaml')!r}, "--data-dir", {str(mix)!r},
+cmd = res.build_command("sleep_pipeline.train.sft", ["--recipe", {str(recipes_dir / 'learn.yaml')!r}, "--data-dir", {str(mix)!r},
       "--run-dir", {str(run)!r}, "--out-root", {str(tmp_path / 'out')!r}], master_port={free_port()})
 subprocess.Popen(cmd, env={{**res.launch_env(), "SLEEP_PIPELINE_WATCH_PID": str(os.getpid())}}, start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

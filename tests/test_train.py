@@ -15,11 +15,13 @@ import yaml
 from resources.deepspeed import DeepSpeedClusterResource, free_port
 from sleep_pipeline.checkpoint import verify_checkpoint
 from sleep_pipeline.config import RecipeError
+from sleep_pipeline.train.modeling import load_pretrained
 from sleep_pipeline.train.recipe import load_train_recipe
+from sleep_pipeline.train.runtime import EXIT_BAD_INPUT, resolve_start
 from sleep_pipeline.train.shm import run_segments, sweep_stale_segments
 from tests.conftest import RECIPES, ROOT
 
-WORKER = "sleep_pipeline.train.worker"
+WORKER = "sleep_pipeline.train.sft"
 TINY_MODEL = {"architecture": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
 
@@ -209,6 +211,90 @@ def test_time_limit_stops_saves_and_publishes(tmp_path, small_mix):
     assert 0 < manifest["steps"] < 100_000
     # the stop also left a complete resume point
     assert (tmp_path / "run" / "trainer" / f"checkpoint-{manifest['steps']}" / "COMPLETE.json").exists()
+
+
+@pytest.fixture(scope="module")
+def zero3_checkpoint(tmp_path_factory, small_mix) -> Path:
+    """Three steps with ZeRO-3 on 2 ranks (every rank holds a shard of every weight), published."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    recipe = yaml.safe_load(tiny_recipe(tmp, max_steps=3, eval_steps=3, save_steps=3).read_text())
+    recipe["deepspeed"]["zero_stage"] = 3
+    (tmp / "zero3.yaml").write_text(yaml.safe_dump(recipe))
+    proc = launch(_worker_args(tmp / "zero3.yaml", small_mix, tmp / "run", tmp / "out"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    [ckpt] = list((tmp / "out").glob("learn-*"))
+    return ckpt
+
+
+def test_zero3_publishes_consolidated_weights_that_reload(zero3_checkpoint):
+    manifest = verify_checkpoint(zero3_checkpoint, reload=load_pretrained)
+    assert manifest["zero_stage"] == 3 and manifest["world_size"] == 2 and manifest["steps"] == 3
+    assert "model.safetensors" in manifest["files"]
+    # whole tensors, not one rank's empty ZeRO-3 placeholders
+    assert sum(p.numel() for p in load_pretrained(zero3_checkpoint).parameters()) == manifest["parameters"]
+    assert manifest["phase"] == manifest["kind"] == "learn" and manifest["parents"] == []
+    assert manifest["init_from"] is None and manifest["base_model"] == "built from config"
+
+
+def test_init_from_a_published_checkpoint_trains_from_its_weights(tmp_path, small_mix, zero3_checkpoint):
+    parent = verify_checkpoint(zero3_checkpoint)
+    recipe = tiny_recipe(tmp_path, max_steps=2, eval_steps=2, save_steps=2)
+    proc = launch(_worker_args(recipe, small_mix, tmp_path / "run", tmp_path / "out",
+                               "--init-from", str(zero3_checkpoint)), num_gpus=1)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    [ckpt] = list((tmp_path / "out").glob("learn-*"))
+    manifest = verify_checkpoint(ckpt)
+    assert manifest["parents"] == [parent["checkpoint_sha256"]]
+    assert Path(manifest["init_from"]) == zero3_checkpoint.resolve() and manifest["phase"] == "learn"
+    # it starts where the parent ended, not where a fresh model starts
+    start = manifest["initial_validation_loss"]
+    assert abs(start - parent["validation_loss"]) < 0.01 < abs(start - parent["initial_validation_loss"])
+
+
+def _sft(tmp_path: Path, mix: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The SFT entry point on one process without the launcher: start-up errors come before DeepSpeed."""
+    return subprocess.run([sys.executable, "-m", WORKER, *_worker_args(tiny_recipe(tmp_path), mix, tmp_path / "run",
+                                                                      tmp_path / "out", *extra)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_bad_init_from_is_a_clear_error(tmp_path, small_mix):
+    from sleep_pipeline.candidates import ensure_schema
+    from sleep_pipeline.store import connect
+
+    db = tmp_path / "registry.duckdb"
+    with connect(db) as con:
+        ensure_schema(con)
+    (tmp_path / "not-a-model").mkdir()
+    for extra, message in [
+        (["--init-from", str(tmp_path / "missing")], "no such model directory"),
+        (["--init-from", str(tmp_path / "not-a-model")], "is not a model directory (no config.json"),
+        (["--init-from", "abcdef123456"], "no registry was given"),
+        (["--init-from", "abcdef123456", "--db", str(db)], "unknown candidate 'abcdef123456'"),
+        (["--init-from", "abcdef123456", "--db", str(tmp_path / "none.duckdb")], "registry"),
+    ]:
+        proc = _sft(tmp_path, small_mix, *extra)
+        assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+        assert f"error: --init-from {extra[1]}: " in proc.stderr and message in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_init_from_a_candidate_id_names_it_as_parent(tmp_path):
+    from sleep_pipeline.candidates import register
+    from sleep_pipeline.checkpoint import publish, staging_dir
+
+    stage = staging_dir(tmp_path / "out", "learn-x")
+    (stage / "config.json").write_text("{}")
+    (stage / "model.safetensors").write_bytes(b"weights")
+    ckpt, manifest = publish(stage, tmp_path / "out", "learn-x", {"phase": "learn"})
+    db = tmp_path / "registry.duckdb"
+    cand = register(db, ckpt)
+    recipe = load_train_recipe(tiny_recipe(tmp_path))
+    start = resolve_start(recipe, cand.candidate_id[:10], db)
+    assert start.directory == ckpt.resolve() and start.parents == (manifest["checkpoint_sha256"],)
+    assert resolve_start(recipe, str(ckpt), None).parents == start.parents  # the directory itself: same lineage
+    assert resolve_start(recipe, str(ckpt), None, verify=False).key == start.key  # what every rank resumes by
+    assert resolve_start(recipe, None, None).parents == ()  # the recipe's config: a fresh model
 
 
 def test_stale_extension_build_locks_are_cleared(tmp_path, monkeypatch):

@@ -75,17 +75,40 @@ def load_tokenizer(path: Path):
     return tok
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_model_directory(path: Path) -> bool:
+    """A Hugging Face causal-LM directory, or a LoRA adapter directory (merged into its base on load)."""
+    return (Path(path) / "config.json").is_file() or (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_pretrained(path: Path, tokenizer=None):
+    """A local model directory as a plain causal LM in fp32 (safetensors only). A LoRA adapter directory is
+    loaded on its base and merged, so training continues from the weights the adapter stands for."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                     dtype=torch.float32)
+    if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
 def build_model(spec: ModelSpec, tokenizer, seed: int):
     """The model to train: loaded from a local directory (safetensors only), or a fresh small Llama."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if spec.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, use_safetensors=True,
-                                                     dtype=torch.float32)
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
-        return model
+        return load_pretrained(spec.path, tokenizer)
     cfg = dict(spec.config or {})
     cfg.pop("architecture", None)
     torch.manual_seed(seed)
@@ -97,4 +120,5 @@ def build_model(spec: ModelSpec, tokenizer, seed: int):
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # under ZeRO-3 a partitioned parameter is an empty placeholder; ds_numel is its real size
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

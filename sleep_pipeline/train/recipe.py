@@ -86,6 +86,10 @@ class TrainRecipe:
             "steps_per_print": 10**9,  # progress is reported by the worker, not DeepSpeed
             "wall_clock_breakdown": False,
         }
+        if self.zero_stage == 3:
+            # each rank holds a shard of every weight: save_model gathers them into one consolidated
+            # safetensors file (without this it writes a DeepSpeed checkpoint the contract cannot publish)
+            cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
         if t.precision == "bf16":
             cfg["bf16"] = {"enabled": True}
         elif t.precision == "fp16":
