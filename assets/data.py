@@ -9,10 +9,11 @@ import json
 
 import dagster as dg
 
+from assets.lineage import recorded
 from resources.storage import DataRecipeResource, StorageResource
 from sleep_pipeline.config import DataRecipe, SourceConfig
 from sleep_pipeline.data.corpus import build_deduped_corpus, ingest_source
-from sleep_pipeline.data.mix import bucket_shares, check_bucket_ratios, latest_manifest, materialize_mix
+from sleep_pipeline.data.mix import bucket_shares, check_bucket_ratios, manifest_of, materialize_mix
 from sleep_pipeline.store import connect, ensure_schema, latest_ingests
 
 DATA_GROUP = "learn_data"
@@ -147,8 +148,8 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
         )
 
     @dg.asset_check(asset=tiered_data_mix, blocking=True, description="The mix has examples in every split it is configured for.")
-    def mix_not_empty(storage: StorageResource) -> dg.AssetCheckResult:
-        m = latest_manifest(storage.db_path)
+    def mix_not_empty(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+        m = manifest_of(storage.db_path, recorded(context, "tiered_data_mix", "version_id"))
         per_split = (m or {}).get("counts", {}).get("per_split", {})
         wanted = [s for s, r in (m or {}).get("split_ratios", {}).items() if r > 0]
         empty = [s for s in wanted if per_split.get(s, 0) == 0]
@@ -159,11 +160,10 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
         )
 
     @dg.asset_check(asset=tiered_data_mix, blocking=True, description="Each bucket's share is within the recipe's tolerance of its ratio.")
-    def bucket_ratios_within_tolerance(storage: StorageResource, data_recipe: DataRecipeResource) -> dg.AssetCheckResult:
+    def bucket_ratios_within_tolerance(context: dg.AssetCheckExecutionContext, storage: StorageResource,
+                                       data_recipe: DataRecipeResource) -> dg.AssetCheckResult:
         tolerance = data_recipe.load(storage).mix.ratio_tolerance
-        m = latest_manifest(storage.db_path)
-        if not m:
-            return dg.AssetCheckResult(passed=False, metadata={"reason": "no data version recorded"})
+        m = manifest_of(storage.db_path, recorded(context, "tiered_data_mix", "version_id"))
         ok, shares = check_bucket_ratios(m, tolerance)
         off = {b: round(v["actual"] - v["target"], 4) for b, v in shares.items() if abs(v["actual"] - v["target"]) > tolerance}
         return dg.AssetCheckResult(

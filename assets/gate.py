@@ -1,16 +1,19 @@
-"""Gate phase: ``gate_suites`` → ``gate_report`` (capability and safety checks) → ``gated_release``."""
+"""Gate phase: ``gate_suites`` → ``gate_report`` (capability and safety checks) → ``gated_release``.
+
+Each stage uses the id its upstream materialisation recorded: the data version of ``tiered_data_mix``,
+the candidate of ``trained_checkpoint``, the report of ``gate_report``.
+"""
 
 import json
 
 import dagster as dg
 
+from assets.lineage import recorded
 from resources.storage import GateRecipeResource, StorageResource
-from sleep_pipeline.checkpoint import latest_checkpoint
-from sleep_pipeline.data.mix import latest_manifest
+from sleep_pipeline.gate import render
 from sleep_pipeline.gate import run as gate
 from sleep_pipeline.gate.decide import RHYTHMS
-from sleep_pipeline.gate.model_card import bound_text, fmt
-from sleep_pipeline.gate.suites import GROUP, MANIFEST, TASK_BY_NAME
+from sleep_pipeline.gate.suites import GROUP, MANIFEST
 
 GATE_GROUP = "gate"
 RELEASE_POOL = "sleep_pipeline_release"
@@ -25,97 +28,65 @@ class GateConfig(dg.Config):
     deps=["tiered_data_mix"],
     kinds={"lm_eval", "json"},
     description="The gate's evaluation suites as lm-eval task definitions over local JSONL, generated offline, "
-                "held out from the current data mix (any item seen in training is dropped and replaced).",
+                "held out from the data version tiered_data_mix recorded (any item seen in training is dropped "
+                "and replaced).",
 )
 def gate_suites(context: dg.AssetExecutionContext, storage: StorageResource,
                 gate_recipe: GateRecipeResource) -> dg.MaterializeResult:
-    recipe = gate_recipe.load()
-    manifest = latest_manifest(storage.db_path)
-    if not manifest:
-        raise RuntimeError("no data version: materialise tiered_data_mix first")
-    suites = gate.suites_for_mix(storage.root, manifest, recipe, log=context.log.info)
+    data_version = recorded(context, "tiered_data_mix", "version_id")
+    manifest = gate.data_manifest(storage.db_path, data_version)
+    suites = gate.suites_for_mix(storage.root, manifest, gate_recipe.load(), log=context.log.info)
     info = json.loads((suites / MANIFEST).read_text())
-    table = "\n".join(f"| {t} | {TASK_BY_NAME[t].kind} | {n} | {info['dropped'][t]} | {TASK_BY_NAME[t].description} |"
-                      for t, n in info["counts"].items())
     return dg.MaterializeResult(metadata={
         "suite_version": info["version"],
         "path": dg.MetadataValue.path(str(suites)),
         "items": sum(info["counts"].values()),
         "dropped_as_seen_in_training": sum(info["dropped"].values()),
-        "tasks": dg.MetadataValue.md("| task | check | items | dropped | measures |\n|---|---|---|---|---|\n" + table),
+        "tasks": dg.MetadataValue.md(render.suites_table(info)),
         "run_with_lm_eval": dg.MetadataValue.md(
             f"```\nlm_eval run --model hf --model_args pretrained=CHECKPOINT --include_path {suites} "
             f"--tasks {GROUP} --apply_chat_template\n```"),
-        "data_version": manifest["version_id"],
+        "data_version": data_version,
     })
-
-
-def _bullets(items) -> str:
-    return "\n".join(f"- {x}" for x in items) or "none"
-
-
-def _metrics_md(verdict: dict) -> str:
-    lines = ["| check | task | metric | value | ± stderr | threshold | live | delta | untrained | pass |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in verdict["rows"]:
-        bound = bound_text(r["threshold"], r["higher_is_better"])
-        ok = "—" if r["passed"] is None else ("yes" if r["passed"] else "**no**")
-        lines.append(f"| {r['kind']} | {r['task']} | {r['metric']} | {fmt(r['value'])} | {fmt(r['stderr'])} | {bound} | "
-                     f"{fmt(r['live'])} | {fmt(r['delta'], signed=True)} | {fmt(r['base'])} | {ok} |")
-    return "\n".join(lines)
-
-
-def _forgetting_md(verdict: dict) -> str:
-    """The verdict's forgetting monitor: per bucket, the headline metric vs the live release."""
-    rows = verdict.get("forgetting") or []
-    if not rows:
-        return "no live release to compare with"
-    lines = ["| bucket | metric | live | candidate | delta | noise interval | status |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        status = "**fail**" if r["status"] == "fail" else r["status"]
-        lines.append(f"| {r['bucket']} | {r['task']}/{r['metric']} | {r['live']:.3f} | {r['value']:.3f} | "
-                     f"{r['delta']:+.3f} | ±{r['noise']:.3f} | {status} |")
-    return "\n".join(lines)
 
 
 @dg.asset(
     group_name=GATE_GROUP,
     deps=["trained_checkpoint", "gate_suites"],
     kinds={"lm_eval", "duckdb"},
-    description="Evaluate the newest candidate (plus the live release and the untrained starting model) on the "
-                "gate suites through lm-eval; every metric with its standard error, threshold and delta; the "
-                "verdict and a model card are stored. A failed gate records the rejection and feeds hard examples "
-                "to the replay table.",
+    description="Evaluate the candidate trained_checkpoint recorded (plus the live release and the model it started "
+                "from) on suites held out from its own data version, through lm-eval; every metric with its standard "
+                "error, threshold and delta; the verdict and a model card are stored. A failed gate records the "
+                "rejection and feeds hard examples to the replay table.",
 )
 def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: StorageResource,
                 gate_recipe: GateRecipeResource) -> dg.MaterializeResult:
     if config.rhythm not in RHYTHMS:
         raise dg.Failure(f"rhythm must be one of {RHYTHMS}, got {config.rhythm!r}")
-    recipe = gate_recipe.load()
-    candidate = latest_checkpoint(storage.learn_checkpoints)
-    if candidate is None:
-        raise dg.Failure("no candidate checkpoint: materialise trained_checkpoint first")
-    manifest = latest_manifest(storage.db_path)
-    suites = gate.suites_for_mix(storage.root, manifest, recipe)
-    report, verdict, ev = gate.run_gate(storage.db_path, storage.root, candidate, suites, recipe, config.rhythm,
-                                        log=context.log.info)
+    candidate_id = recorded(context, "trained_checkpoint", "candidate_id")
+    report, verdict, ev = gate.run_gate(storage.db_path, storage.root, candidate_id, gate_recipe.load(),
+                                        config.rhythm, log=context.log.info)
     context.log.info(f"gate {report.report_id}: capability {'passed' if verdict.capability_passed else 'FAILED'}, "
                      f"safety {'passed' if verdict.safety_passed else 'FAILED'} -> {verdict.decision}")
+    with open(report.card_path, encoding="utf-8") as fh:
+        card = fh.read()
     return dg.MaterializeResult(metadata={
         "report_id": report.report_id,
+        "candidate_id": report.candidate_id,
         "decision": verdict.decision,
         "recommendation": verdict.recommendation,
         "capability_passed": verdict.capability_passed,
         "safety_passed": verdict.safety_passed,
         "rhythm": config.rhythm,
         "candidate": dg.MetadataValue.path(report.candidate_path),
-        "candidate_sha256": report.candidate_sha256,
+        "data_version": report.data_version,
+        "suite_version": report.suite_version,
         "live_release": report.live_version or "none",
-        "metrics": dg.MetadataValue.md(_metrics_md(report.verdict)),
-        "forgetting": dg.MetadataValue.md(_forgetting_md(report.verdict)),
-        "failures": dg.MetadataValue.md(_bullets(verdict.failures)),
-        "risks": dg.MetadataValue.md(_bullets(verdict.risks)),
-        "model_card": dg.MetadataValue.md(open(report.card_path, encoding="utf-8").read()),
+        "metrics": dg.MetadataValue.md(render.metrics_table(report.verdict)),
+        "forgetting": dg.MetadataValue.md(render.forgetting_table(report.verdict)),
+        "failures": dg.MetadataValue.md(render.bullets(verdict.failures)),
+        "risks": dg.MetadataValue.md(render.bullets(verdict.risks)),
+        "model_card": dg.MetadataValue.md(card),
         "model_card_path": dg.MetadataValue.path(report.card_path),
         "eval_examples": ev.examples,
         "eval_examples_per_s": round(ev.examples / max(ev.seconds, 1e-9), 1),
@@ -126,15 +97,15 @@ def _check(kind: str):
     passed_attr = f"{kind}_passed"
 
     @dg.asset_check(asset=gate_report, name=f"{kind}_gate", blocking=True,
-                    description=f"The stored verdict's {kind} thresholds (and, for safety, no regression beyond noise) hold.")
-    def check(storage: StorageResource) -> dg.AssetCheckResult:
-        report = gate.latest_report(storage.db_path)
-        if report is None:
-            return dg.AssetCheckResult(passed=False, metadata={"why": "no gate report"})
+                    description=f"The stored verdict's {kind} thresholds (and, for safety, no regression beyond noise) "
+                                "hold for the report gate_report recorded.")
+    def check(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+        report = gate.get_report(storage.db_path, recorded(context, "gate_report", "report_id"))
         failures = report.verdict.get(f"{kind}_failures", [])
         return dg.AssetCheckResult(
             passed=bool(getattr(report, passed_attr)),
-            metadata={"report_id": report.report_id, "failures": dg.MetadataValue.md(_bullets(failures))},
+            metadata={"report_id": report.report_id, "candidate_id": report.candidate_id,
+                      "failures": dg.MetadataValue.md(render.bullets(failures))},
         )
 
     return check
@@ -149,20 +120,26 @@ safety_gate = _check("safety")
     deps=["gate_report"],
     pool=RELEASE_POOL,
     kinds={"duckdb"},
-    description="Release the gated candidate: re-reads the stored verdict and the candidate's sha256 (never "
-                "trusts the run that got here), then moves the live pointer in one transaction.",
+    description="Release the candidate of the report gate_report recorded: re-reads the stored verdict, refuses a "
+                "candidate an as-strict gate rejected, re-checks the candidate's sha256, then moves the live pointer "
+                "and marks report and candidate released in one transaction.",
 )
 def gated_release(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     try:
-        rel, report = gate.release_gated(storage.db_path, latest_checkpoint(storage.learn_checkpoints), log=context.log.info)
+        out = gate.release_gated(storage.db_path, recorded(context, "gate_report", "report_id"), log=context.log.info)
     except gate.GateError as exc:
         raise dg.Failure(str(exc)) from exc
+    rel, report = out.release, out.report
+    with open(report.card_path, encoding="utf-8") as fh:
+        card = fh.read()
     return dg.MaterializeResult(metadata={
         "version": rel.version,
+        "unchanged": out.unchanged,
+        "outcome": out.message,
+        "candidate_id": rel.checkpoint_sha256,
         "checkpoint": dg.MetadataValue.path(rel.checkpoint_path),
-        "checkpoint_sha256": rel.checkpoint_sha256,
         "gate_report": report.report_id,
         "data_version": rel.data_version,
-        "model_card": dg.MetadataValue.md(open(report.card_path, encoding="utf-8").read()),
+        "model_card": dg.MetadataValue.md(card),
         "model_card_path": dg.MetadataValue.path(report.card_path),
     })

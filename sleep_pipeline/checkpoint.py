@@ -5,7 +5,12 @@ A checkpoint is a directory of safetensors weights plus tokenizer/config files a
 written into a hidden staging directory beside its final place, verified (hashes and a real reload)
 and only then renamed into place, so a directory without a verified manifest is never a checkpoint.
 Pickle-based weight files (``.bin``, ``.pt``, ``.pkl``) are refused: loading them runs arbitrary code.
-Only the newest ``keep_last`` published checkpoints are kept.
+
+Two digests: ``checkpoint_sha256`` covers the files (the content: two checkpoints with the same
+weights, tokenizer and config have the same one, and it is a candidate's id), ``manifest_sha256``
+covers everything else the manifest says (lineage: phase, parents, data version, recipe, base model,
+created_at), so editing a lineage field is detected like editing a weight. Which checkpoints may be
+deleted is decided by the candidate registry (:mod:`sleep_pipeline.candidates`), not here.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +58,12 @@ def checkpoint_sha256(manifest: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def manifest_sha256(manifest: dict) -> str:
+    """The digest of every manifest field but itself: the lineage cannot be edited unnoticed."""
+    blob = json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def write_manifest(directory: Path, info: dict[str, Any]) -> dict:
     """Hash every file under ``directory`` and write the manifest (``info`` holds the lineage)."""
     directory = Path(directory)
@@ -66,6 +79,7 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> dict:
         "files": files,
     }
     manifest["checkpoint_sha256"] = checkpoint_sha256(manifest)
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
@@ -98,6 +112,9 @@ def verify_checkpoint(directory: Path, reload: Callable[[Path], Any] | None = No
             raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest")
     if manifest.get("checkpoint_sha256") != checkpoint_sha256(manifest):
         raise CheckpointError(f"{directory}: manifest digest does not match its file list")
+    if manifest.get("manifest_sha256") != manifest_sha256(manifest):
+        raise CheckpointError(f"{directory}: the manifest was edited after it was written (its lineage fields "
+                              "do not match manifest_sha256)")
     if reload is not None:
         try:
             reload(directory)
@@ -106,18 +123,54 @@ def verify_checkpoint(directory: Path, reload: Callable[[Path], Any] | None = No
     return manifest
 
 
+STAGING = ".staging-"
+STALE_STAGING_S = 24 * 3600  # a staging directory of another machine is left alone for this long
+
+
 def staging_dir(root: Path, name: str) -> Path:
-    """A fresh hidden directory beside the final place (same filesystem, so the rename is atomic)."""
+    """A fresh hidden directory beside the final place (same filesystem, so the rename is atomic). Its
+    name records the writing host and process, so cleanup can tell an abandoned one from one in use."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f".staging-{name}-{uuid.uuid4().hex[:8]}"
+    host = socket.gethostname().replace("-", "_")[:32]
+    path = root / f"{STAGING}{name}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     return path
 
 
-def publish(staging: Path, root: Path, name: str, info: dict, reload: Callable[[Path], Any] | None = None,
-            keep_last: int = 3) -> tuple[Path, dict]:
-    """Write the manifest into ``staging``, verify it, rename it to ``root/name``, prune old ones."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def abandoned_staging(root: Path, now: float | None = None) -> list[Path]:
+    """Staging directories whose writer is gone: written on this host by a process that no longer runs,
+    or (another host, or a name without a writer) untouched for ``STALE_STAGING_S``."""
+    now = time.time() if now is None else now
+    host = socket.gethostname().replace("-", "_")[:32]
+    out = []
+    for p in sorted(Path(root).glob(f"{STAGING}*")) if Path(root).exists() else []:
+        parts = p.name.rsplit("-", 3)
+        try:
+            mine = len(parts) == 4 and parts[1] == host
+            if mine and not _pid_alive(int(parts[2])):
+                out.append(p)
+            elif not mine and now - p.stat().st_mtime > STALE_STAGING_S:
+                out.append(p)
+        except (ValueError, OSError):
+            continue
+    return out
+
+
+def publish(staging: Path, root: Path, name: str, info: dict,
+            reload: Callable[[Path], Any] | None = None) -> tuple[Path, dict]:
+    """Write the manifest into ``staging``, verify it, rename it to ``root/name``. Nothing is deleted
+    here: retention is the candidate registry's job (it knows what is live, released or being gated)."""
     staging, root = Path(staging), Path(root)
     write_manifest(staging, {**info, "name": name})
     manifest = verify_checkpoint(staging, reload)
@@ -125,7 +178,6 @@ def publish(staging: Path, root: Path, name: str, info: dict, reload: Callable[[
     if final.exists():
         raise CheckpointError(f"{final} already exists; checkpoints are never overwritten")
     os.replace(staging, final)
-    prune(root, keep_last)
     return final, manifest
 
 
@@ -144,21 +196,17 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a published checkpoint: renamed aside first (one atomic step), so a crash midway leaves a
+    hidden directory, never a half-deleted one that still looks published."""
+    path = Path(path)
+    aside = path.parent / f".deleting-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
+    """The newest published checkpoint under ``root`` (for reports and benchmarks; pipeline stages
+    pass candidates by id instead)."""
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
-
-
-def prune(root: Path, keep_last: int, protect: set[Path] | None = None) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (and leftover staging directories),
-    never touching ``protect`` (e.g. the live release)."""
-    protect = {Path(p).resolve() for p in (protect or set())}
-    removed = []
-    ckpts = list_checkpoints(root)
-    for p in ckpts[: max(len(ckpts) - keep_last, 0)]:
-        if p.resolve() not in protect:
-            shutil.rmtree(p)
-            removed.append(p)
-    for p in Path(root).glob(".staging-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    return removed

@@ -96,10 +96,12 @@ def cmd_release_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no releases yet")
         return 0
-    print(f"{'':2}{'version':8} {'created':19} {'data version':22} {'gate report':14} checkpoint")
+    print(f"{'':2}{'version':8} {'created':19} {'candidate':12} {'data version':22} {'gate report':32} checkpoint")
     for r in rows:
         mark = "* " if current and r.version == current.version else "  "
-        print(f"{mark}{r.version:8} {str(r.created_at)[:19]:19} {r.data_version:22} {r.gate_report_id:14} {r.checkpoint_path}")
+        state = f"  REVOKED: {r.revoke_reason}" if r.revoked else ""
+        print(f"{mark}{r.version:8} {str(r.created_at)[:19]:19} {r.checkpoint_sha256[:12]:12} {r.data_version or '':22} "
+              f"{r.gate_report_id or '':32} {r.checkpoint_path}{state}")
     print("(* = live)")
     return 0
 
@@ -112,6 +114,52 @@ def cmd_release_rollback(args: argparse.Namespace) -> int:
     rel = registry.rollback(db, args.version, reason=args.reason)
     print(f"live: {before.version if before else None} -> {rel.version} ({rel.checkpoint_path})")
     return 0
+
+
+def cmd_release_revoke(args: argparse.Namespace) -> int:
+    from sleep_pipeline.release import registry
+
+    db = _home(args) / "sleep.duckdb"
+    before = registry.live(db)
+    rel, now_live = registry.revoke(db, args.version, args.reason)
+    print(f"revoked {rel.version} ({args.reason})")
+    if before and now_live and before.version != now_live.version:
+        print(f"live: {before.version} -> {now_live.version} ({now_live.checkpoint_path})")
+    return 0
+
+
+def cmd_candidates_list(args: argparse.Namespace) -> int:
+    from sleep_pipeline import candidates
+
+    rows = candidates.list_candidates(_home(args) / "sleep.duckdb")
+    if not rows:
+        print("no candidates yet")
+        return 0
+    print(f"{'candidate':12} {'phase':8} {'status':9} {'created':19} {'data version':22} {'parents':14} path")
+    for c in rows:
+        print(f"{c.short:12} {c.phase:8} {c.status:9} {str(c.created_at)[:19]:19} {c.data_version or '':22} "
+              f"{','.join(p[:12] for p in c.parents) or '-':14} {c.path}")
+    return 0
+
+
+def cmd_candidates_purge(args: argparse.Namespace) -> int:
+    from sleep_pipeline import candidates
+
+    cand = candidates.purge(_home(args) / "sleep.duckdb", args.candidate, args.reason)
+    print(f"purged candidate {cand.short}: its files are deleted, its record stays ({cand.path})")
+    return 0
+
+
+def cmd_gate_override(args: argparse.Namespace) -> int:
+    from sleep_pipeline.gate.run import override
+
+    cand = override(_home(args) / "sleep.duckdb", args.candidate, args.reason)
+    print(f"override recorded for candidate {cand.short}: a later passing gate may release it ({args.reason})")
+    return 0
+
+
+def _home_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", help="storage dir (default: $SLEEP_PIPELINE_HOME or ./.sleep_pipeline)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,13 +185,37 @@ def build_parser() -> argparse.ArgumentParser:
     rel = sub.add_parser("release", help="The release registry: list releases, roll back / hot switch.")
     rel_sub = rel.add_subparsers(dest="release_command", required=True)
     ls = rel_sub.add_parser("list", help="all releases; * marks the live one")
-    ls.add_argument("--home", help="storage dir (default: $SLEEP_PIPELINE_HOME or ./.sleep_pipeline)")
+    _home_arg(ls)
     ls.set_defaults(func=cmd_release_list)
-    rb = rel_sub.add_parser("rollback", help="make VERSION live (default: the release before the live one)")
+    rb = rel_sub.add_parser("rollback", help="make VERSION live (default: the release that was live before the current one)")
     rb.add_argument("version", nargs="?", default=None)
     rb.add_argument("--reason", default="manual rollback")
-    rb.add_argument("--home", help="storage dir (default: $SLEEP_PIPELINE_HOME or ./.sleep_pipeline)")
+    _home_arg(rb)
     rb.set_defaults(func=cmd_release_rollback)
+    rv = rel_sub.add_parser("revoke", help="mark VERSION unusable (rollbacks skip it); if live, switch back first")
+    rv.add_argument("version")
+    rv.add_argument("--reason", required=True)
+    _home_arg(rv)
+    rv.set_defaults(func=cmd_release_revoke)
+
+    cands = sub.add_parser("candidates", help="Model candidates: every model a cycle produced, with its lineage.")
+    cands_sub = cands.add_subparsers(dest="candidates_command", required=True)
+    cl = cands_sub.add_parser("list", help="all candidates: id, phase, status, data version, parents, path")
+    _home_arg(cl)
+    cl.set_defaults(func=cmd_candidates_list)
+    cp = cands_sub.add_parser("purge", help="delete a candidate's files even if it was released (never the live one)")
+    cp.add_argument("candidate", help="candidate id or unique prefix")
+    cp.add_argument("--reason", required=True)
+    _home_arg(cp)
+    cp.set_defaults(func=cmd_candidates_purge)
+
+    g = sub.add_parser("gate", help="Gate decisions.")
+    g_sub = g.add_subparsers(dest="gate_command", required=True)
+    go = g_sub.add_parser("override", help="let a later passing gate release a candidate an earlier gate rejected")
+    go.add_argument("candidate", help="candidate id or unique prefix")
+    go.add_argument("--reason", required=True)
+    _home_arg(go)
+    go.set_defaults(func=cmd_gate_override)
     return parser
 
 

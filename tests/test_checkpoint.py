@@ -59,14 +59,38 @@ def test_a_checkpoint_that_does_not_reload_is_not_published(tmp_path):
     assert latest_checkpoint(tmp_path) is None
 
 
-def test_only_the_last_n_are_kept(tmp_path):
+def test_editing_a_lineage_field_fails_verification(tmp_path):
+    final, _ = publish(_stage(tmp_path, "a"), tmp_path, "a", {"data_version": "dv-1", "base_model": "built from config"})
+    manifest = json.loads((final / "manifest.json").read_text())
+    for field, value in (("data_version", "dv-2"), ("base_model", "/models/other"), ("created_at", "2020-01-01")):
+        edited = {**manifest, field: value}
+        (final / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match="edited"):
+            verify_checkpoint(final)
+    (final / "manifest.json").write_text(json.dumps(manifest))
+    verify_checkpoint(final)
+
+
+def test_publishing_deletes_nothing_and_leaves_another_processs_staging_alone(tmp_path):
+    import subprocess
+    import sys
     import time
 
+    from sleep_pipeline.checkpoint import abandoned_staging
+
     for i in range(4):
-        publish(_stage(tmp_path, f"c{i}", i), tmp_path, f"c{i}", {}, keep_last=2)
+        publish(_stage(tmp_path, f"c{i}", i), tmp_path, f"c{i}", {})
         time.sleep(0.01)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["c2", "c3"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["c0", "c1", "c2", "c3"]
     assert latest_checkpoint(tmp_path).name == "c3"
+    # a staging directory of this (live) process is in use; one of a process that has exited is abandoned
+    mine = _stage(tmp_path, "busy")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / mine.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-")
+    gone.mkdir()
+    assert abandoned_staging(tmp_path) == [gone]
+    publish(_stage(tmp_path, "c4", 4), tmp_path, "c4", {})
+    assert mine.exists() and gone.exists()  # publish itself never deletes anything
 
 
 def test_atomic_replacement_keeps_the_old_file_when_writing_fails(tmp_path):

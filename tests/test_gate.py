@@ -11,7 +11,7 @@ import yaml
 from sleep_pipeline.config import RecipeError
 from sleep_pipeline.data import generate, tasks
 from sleep_pipeline.gate import scoring
-from sleep_pipeline.gate.decide import decide, load_gate_recipe
+from sleep_pipeline.gate.decide import Reference, decide, load_gate_recipe
 from sleep_pipeline.gate.evaluate import Evaluation, Score
 from sleep_pipeline.gate.suites import GROUP, MANIFEST, TASKS, build_suites, prompt_key
 from tests.conftest import RECIPES
@@ -96,19 +96,6 @@ def test_scoring_hooks_score_reference_answers_full_and_wrong_answers_zero(suite
     assert ppl["bits_per_byte"] == pytest.approx(1.0)
 
 
-def test_judge_is_chosen_by_environment(monkeypatch):
-    from sleep_pipeline.gate.judge import JUDGE_ENV, EndpointJudge, RuleJudge, judge_from_env, judge_spec
-
-    monkeypatch.delenv(JUDGE_ENV, raising=False)
-    assert isinstance(judge_from_env(), RuleJudge)
-    monkeypatch.setenv(JUDGE_ENV, judge_spec("endpoint", url="http://127.0.0.1:9/v1", model="judge", api_key_env="K"))
-    j = judge_from_env()
-    assert isinstance(j, EndpointJudge) and j.url.endswith("/chat/completions")
-    monkeypatch.setenv(JUDGE_ENV, judge_spec("nonsense"))
-    with pytest.raises(ValueError, match="unknown judge kind"):
-        judge_from_env()
-
-
 # --------------------------------------------------------------------------------------- decide
 def _ev(**values) -> Evaluation:
     """An evaluation with every suite metric at a neutral good value, overridden by ``task__metric=(v, se)``."""
@@ -127,42 +114,64 @@ def recipe():
 
 
 def test_capability_and_safety_are_separate_verdicts(recipe):
-    ok = decide(_ev(), None, recipe, "weekly")
+    ok = decide(_ev(), Reference(), recipe.policy("weekly"))
     assert ok.capability_passed and ok.safety_passed and ok.decision == "release"
-    unsafe = decide(_ev(sp_harmful__refusal_rate=(0.3, 0.04)), None, recipe, "weekly")
+    unsafe = decide(_ev(sp_harmful__refusal_rate=(0.3, 0.04)), Reference(), recipe.policy("weekly"))
     assert unsafe.capability_passed and not unsafe.safety_passed and unsafe.decision == "reject"
     assert any("sp_harmful/refusal_rate" in f for f in unsafe.safety_failures)
-    dull = decide(_ev(sp_reasoning__success=(0.05, 0.02)), None, recipe, "weekly")
+    dull = decide(_ev(sp_reasoning__success=(0.05, 0.02)), Reference(), recipe.policy("weekly"))
     assert not dull.capability_passed and dull.safety_passed and "collect more data" in dull.recommendation
 
 
 def test_a_dip_inside_the_noise_is_not_a_regression_but_one_beyond_it_is(recipe):
     live = _ev(sp_benign__over_refusal_rate=(0.05, 0.02), sp_reasoning__success=(0.60, 0.045))
-    small = decide(_ev(sp_benign__over_refusal_rate=(0.08, 0.025), sp_reasoning__success=(0.56, 0.045)), live, recipe, "weekly")
+    small = decide(_ev(sp_benign__over_refusal_rate=(0.08, 0.025), sp_reasoning__success=(0.56, 0.045)), Reference(live=live), recipe.policy("weekly"))
     assert small.passed and not any(r.regressed for r in small.rows), small.failures
     # safety worse beyond 2 x combined stderr (but still under its threshold): fails
-    worse = decide(_ev(sp_benign__over_refusal_rate=(0.14, 0.03)), live, recipe, "weekly")
+    worse = decide(_ev(sp_benign__over_refusal_rate=(0.14, 0.03)), Reference(live=live), recipe.policy("weekly"))
     assert not worse.safety_passed and any("regressed" in f for f in worse.safety_failures)
 
 
 def test_forgetting_monitor_risk_then_hard_limit(recipe):
     live = _ev(sp_planning__success=(0.60, 0.02))
-    risky = decide(_ev(sp_planning__success=(0.50, 0.02)), live, recipe, "weekly")
+    risky = decide(_ev(sp_planning__success=(0.50, 0.02)), Reference(live=live), recipe.policy("weekly"))
     assert risky.passed and any("bucket planning" in r and "tolerance" in r for r in risky.risks)
-    forgot = decide(_ev(sp_planning__success=(0.40, 0.02)), live, recipe, "weekly")
+    forgot = decide(_ev(sp_planning__success=(0.40, 0.02)), Reference(live=live), recipe.policy("weekly"))
     assert not forgot.capability_passed and any("hard limit" in f for f in forgot.capability_failures)
     assert "roll back" in forgot.recommendation
 
 
+def test_the_gate_fails_closed_on_a_missing_or_broken_metric(recipe):
+    ev = _ev()
+    del ev.scores["sp_jailbreak"]  # a suite that did not run
+    v = decide(ev, Reference(), recipe.policy("weekly"))
+    assert not v.safety_passed and v.capability_passed
+    assert any("sp_jailbreak/trigger_rate was not evaluated" in f for f in v.safety_failures)
+    ev = _ev(sp_reasoning__success=(float("nan"), 0.0))
+    v = decide(ev, Reference(), recipe.policy("weekly"))
+    assert not v.capability_passed and any("not a number" in f for f in v.capability_failures)
+
+
+def test_forgetting_is_judged_against_the_starting_model_when_nothing_is_live(recipe):
+    base = _ev(sp_planning__success=(0.60, 0.02), sp_harmful__refusal_rate=(0.95, 0.02))
+    v = decide(_ev(sp_planning__success=(0.30, 0.02)), Reference(base=base, base_label="the base model"),
+               recipe.policy("weekly"))
+    assert not v.capability_passed and any("bucket planning" in f and "the base model" in f for f in v.capability_failures)
+    assert any(r["bucket"] == "planning" and r["status"] == "fail" for r in v.forgetting)
+    # the base model is not "live": the delta column stays empty, the comparison is still recorded
+    row = next(r for r in v.rows if r.task == "sp_planning")
+    assert row.live is None and row.base == 0.60 and row.regressed
+
+
 def test_near_threshold_pass_is_a_risk(recipe):
-    v = decide(_ev(sp_harmful__refusal_rate=(0.91, 0.03)), None, recipe, "weekly")
+    v = decide(_ev(sp_harmful__refusal_rate=(0.91, 0.03)), Reference(), recipe.policy("weekly"))
     assert v.safety_passed and any("sp_harmful/refusal_rate" in r and "standard error" in r for r in v.risks)
 
 
 def test_nightly_and_weekly_thresholds_differ(recipe):
     ev = _ev(sp_harmful__refusal_rate=(0.87, 0.01))
-    assert decide(ev, None, recipe, "nightly").safety_passed
-    assert not decide(ev, None, recipe, "weekly").safety_passed
+    assert decide(ev, Reference(), recipe.policy("nightly")).safety_passed
+    assert not decide(ev, Reference(), recipe.policy("weekly")).safety_passed
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -173,6 +182,10 @@ def test_nightly_and_weekly_thresholds_differ(recipe):
     (lambda r: r["judge"].update({"kind": "oracle"}), "judge.kind"),
     (lambda r: r["forgetting"].update({"hard_limit": 0.01}), "forgetting.hard_limit"),
     (lambda r: r["suites"]["examples"].update({"weekly": "many"}), "suites.examples.weekly"),
+    (lambda r: r["thresholds"]["nightly"].pop("sp_planning/success"), "thresholds.nightly.sp_planning/success: the headline"),
+    (lambda r: r["report_only"].pop("sp_long_context/needle_recall"), "thresholds.nightly.sp_long_context/needle_recall"),
+    (lambda r: r["report_only"].update({"sp_long_context/needle_recall": "meh"}), "report_only.sp_long_context/needle_recall: give the reason"),
+    (lambda r: r["report_only"].update({"sp_harmful/refusal_rate": "a long enough reason here"}), "is also listed under report_only"),
 ])
 def test_bad_gate_recipes_name_the_field(tmp_path, edit, field):
     raw = yaml.safe_load((RECIPES / "gate.yaml").read_text())

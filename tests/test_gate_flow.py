@@ -14,6 +14,7 @@ import duckdb
 import pytest
 
 import definitions
+from sleep_pipeline import candidates
 from sleep_pipeline.checkpoint import verify_checkpoint
 from sleep_pipeline.data.mix import latest_manifest
 from sleep_pipeline.gate import run as gate
@@ -30,7 +31,8 @@ LENIENT = {"sp_reasoning/success": {"min": 0.05}, "sp_harmful/refusal_rate": {"m
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, generated_sources):
-    """Storage with the data assets materialised, tiny candidates trained on the mix, lenient recipes."""
+    """Storage with the data assets materialised, tiny candidates trained on the mix, lenient recipes,
+    one Dagster instance for every run of the module (so stages find what their upstream recorded)."""
     import shutil
 
     tmp = tmp_path_factory.mktemp("gateflow")
@@ -39,8 +41,8 @@ def world(tmp_path_factory, generated_sources):
     recipes = copy_recipes(tmp / "recipes")
     gate_recipe(recipes, LENIENT, examples=24)
     defs = definitions.build_defs(recipes, storage)
-    res = dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources,
-                         instance=dg.DagsterInstance.ephemeral(),
+    instance = dg.DagsterInstance.ephemeral()
+    res = dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources, instance=instance,
                          selection=dg.AssetSelection.assets("tiered_data_mix").upstream())
     assert res.success
     manifest = latest_manifest(storage / "sleep.duckdb")
@@ -48,49 +50,76 @@ def world(tmp_path_factory, generated_sources):
     pool = tmp / "pool"
     cands = {b: train_candidate(steer(rows, b), pool, b, data_version=manifest["version_id"])
              for b in ("safe", "unsafe", "refuse_all")}
-    return {"storage": storage, "recipes": recipes, "defs": defs, "cands": cands, "tmp": tmp}
+    return {"storage": storage, "recipes": recipes, "defs": defs, "cands": cands, "tmp": tmp, "instance": instance,
+            "data_version": manifest["version_id"]}
 
 
-def _stage(world, name: str) -> Path:
-    """Make candidate ``name`` the newest Learn checkpoint (what trained_checkpoint would publish)."""
+def copy_candidate(src: Path, root: Path, name: str, noise: float = 0.0) -> Path:
+    """Publish a copy of candidate ``src`` under ``root`` (with ``noise`` added to its weights: another
+    candidate with almost the same behaviour)."""
     import shutil
 
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sleep_pipeline.checkpoint import publish, read_manifest, staging_dir
+
+    stage = staging_dir(root, name)
+    for f in src.iterdir():
+        if f.name not in ("manifest.json", "README.md"):
+            shutil.copy(f, stage / f.name)
+    if noise:
+        weights = next(stage.glob("*.safetensors"))
+        tensors = load_file(str(weights))
+        torch.manual_seed(int(noise * 1e6))
+        save_file({k: v + noise * torch.randn_like(v) for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    info = {k: v for k, v in read_manifest(src).items() if k not in ("files", "checkpoint_sha256", "manifest_sha256",
+                                                                        "created_at", "name")}
+    return publish(stage, root, name, info)[0]
+
+
+def _produce(world, name: str, noise: float = 0.0) -> candidates.Candidate:
+    """What trained_checkpoint would do: publish, register, and record the candidate id."""
     root = world["storage"] / "checkpoints" / "learn"
-    root.mkdir(parents=True, exist_ok=True)
-    dest = root / f"learn-{len(list(root.iterdir())):02d}-{name}"
-    shutil.copytree(world["cands"][name], dest)
-    (dest / "README.md").unlink(missing_ok=True)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    manifest["created_at"] = f"2099-01-01T00:00:{len(list(root.iterdir())):02d}"  # newest
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    verify_checkpoint(dest)
-    return dest
+    path = copy_candidate(world["cands"][name], root, f"{name}-{len(list(root.glob('*'))) if root.exists() else 0}", noise)
+    cand = candidates.register(world["storage"] / "sleep.duckdb", path)
+    world["instance"].report_runless_asset_event(
+        dg.AssetMaterialization("trained_checkpoint", metadata={"candidate_id": cand.candidate_id}))
+    return cand
 
 
-def _gate_run(world, instance=None):
+def _gate_run(world, *assets: str, rhythm: str = "weekly"):
     defs = world["defs"]
-    instance = instance or dg.DagsterInstance.ephemeral()
-    sel = dg.AssetSelection.assets("gate_suites", "gate_report", "gated_release")
-    return dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources, instance=instance,
-                          selection=sel, raise_on_error=False)
+    sel = dg.AssetSelection.assets(*(assets or ("gate_suites", "gate_report", "gated_release")))
+    return dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources, instance=world["instance"],
+                          selection=sel, raise_on_error=False,
+                          run_config={"ops": {"gate_report": {"config": {"rhythm": rhythm}}}}
+                          if "gate_report" in (assets or ("gate_report",)) else None)
 
 
-def test_unsafe_and_refuse_everything_candidates_are_rejected_by_the_safety_check(world):
-    storage = world["storage"]
+def _suites(world):
     recipe = load_gate_recipe(world["recipes"] / "gate.yaml")
-    suites = gate.suites_for_mix(storage, latest_manifest(storage / "sleep.duckdb"), recipe)
-    db = storage / "verdicts.duckdb"
-    _, unsafe, _ = gate.run_gate(db, storage, world["cands"]["unsafe"], suites, recipe, "weekly")
+    storage = world["storage"]
+    return recipe, gate.suites_for_mix(storage, gate.data_manifest(storage / "sleep.duckdb", world["data_version"]), recipe)
+
+
+def test_unsafe_and_refuse_everything_candidates_are_rejected_by_the_safety_check(world, tmp_path):
+    storage = world["storage"]
+    recipe, suites = _suites(world)
+    db = tmp_path / "verdicts.duckdb"
+    ids = {b: candidates.register(db, world["cands"][b]).candidate_id for b in ("unsafe", "refuse_all")}
+    _, unsafe, _ = gate.run_gate(db, storage, ids["unsafe"], recipe, "weekly", suites=suites)
     assert not unsafe.safety_passed
     failed = {r.metric for r in unsafe.rows if r.passed is False}
     assert "refusal_rate" in failed, unsafe.safety_failures
-    _, refuser, _ = gate.run_gate(db, storage, world["cands"]["refuse_all"], suites, recipe, "weekly")
+    _, refuser, _ = gate.run_gate(db, storage, ids["refuse_all"], recipe, "weekly", suites=suites)
     assert not refuser.safety_passed
     by_metric = {r.metric: r for r in refuser.rows}
     assert by_metric["over_refusal_rate"].passed is False and by_metric["refusal_rate"].passed is True
     # both rejections are recorded, nothing went live, and failing items now wait in the replay table
     assert registry.live(db) is None
     assert [e[1] for e in registry.events(db)] == ["rejected", "rejected"]
+    assert {candidates.get(db, i).status for i in ids.values()} == {candidates.REJECTED}
     con = duckdb.connect(str(db), read_only=True)
     buckets = dict(con.execute("SELECT bucket, count(*) FROM hard_example_replay GROUP BY ALL").fetchall())
     con.close()
@@ -99,71 +128,142 @@ def test_unsafe_and_refuse_everything_candidates_are_rejected_by_the_safety_chec
 
 def test_gate_then_release_through_dagster_and_a_failed_gate_never_moves_live(world):
     storage, db = world["storage"], world["storage"] / "sleep.duckdb"
-    safe = _stage(world, "safe")
+    safe = _produce(world, "safe")
     first = _gate_run(world)
-    assert first.success, [e.message for e in first.all_events if e.is_failure]
+    assert first.success, first.asset_materializations_for_node("gate_report")[0].metadata["failures"].value
     checks = {ev.asset_check_key.name: ev.passed for ev in first.get_asset_check_evaluations()}
     assert checks == {"capability_gate": True, "safety_gate": True}
     rel = registry.live(db)
-    assert rel.version == "v0001" and Path(rel.checkpoint_path) == safe.resolve()
+    assert rel.version == "v0001" and rel.checkpoint_sha256 == safe.candidate_id
+    assert candidates.get(db, safe.candidate_id).status == candidates.RELEASED
     meta = first.asset_materializations_for_node("gate_report")[0].metadata
     for k in ("metrics", "model_card", "risks", "decision"):
         assert k in meta
+    assert meta["candidate_id"].value == safe.candidate_id and meta["data_version"].value == world["data_version"]
     assert "± stderr" in meta["metrics"].value
     # the card sits beside the weights, says it was released, and its front matter is valid YAML
-    card = (safe / "README.md").read_text()
+    card = (Path(safe.path) / "README.md").read_text()
     fm = parse_front_matter(card)
     assert fm["base_model"] and fm["datasets"] and "sleep-pipeline" in fm["tags"]
     names = {m["type"] for r in fm["model-index"][0]["results"] for m in r["metrics"]}
     assert {"refusal_rate", "over_refusal_rate", "success", "bits_per_byte"} <= names
     assert "released as v0001" in card and "Against the untrained starting model" in card
-    verify_checkpoint(safe)  # the card is not part of the digest
+    verify_checkpoint(Path(safe.path))  # the card is not part of the digest
 
     # a refuse-everything candidate: the safety check fails, gated_release is skipped, live stays
-    _stage(world, "refuse_all")
+    refuser = _produce(world, "refuse_all")
     second = _gate_run(world)
     assert not second.success
     checks = {ev.asset_check_key.name: ev.passed for ev in second.get_asset_check_evaluations()}
     assert checks["safety_gate"] is False
     assert not second.asset_materializations_for_node("gated_release")
     assert registry.live(db).version == "v0001"
-    report = gate.latest_report(db)
+    report = gate.get_report(db, second.asset_materializations_for_node("gate_report")[0].metadata["report_id"].value)
+    assert report.candidate_id == refuser.candidate_id
     assert report.live_version == "v0001" and not report.safety_passed
     assert any(r["live"] is not None for r in report.verdict["rows"])  # compared with the live release
     forgetting = second.asset_materializations_for_node("gate_report")[0].metadata["forgetting"].value
     assert "| planning |" in forgetting and "noise interval" in forgetting
 
     # materialising gated_release alone, in a separate run, cannot release the failed candidate
-    defs = world["defs"]
-    alone = dg.materialize([*defs.assets], resources=defs.resources, instance=dg.DagsterInstance.ephemeral(),
-                           selection=dg.AssetSelection.assets("gated_release"), raise_on_error=False)
+    alone = _gate_run(world, "gated_release")
     assert not alone.success
     assert registry.live(db).version == "v0001"
     assert [e[1] for e in registry.events(db)][-1] == "rejected"
 
+    # gate shopping: the nightly gate (here: bounds the refuser meets) may not release what weekly rejected
+    gate_recipe(world["recipes"], LENIENT, examples=24, nightly={})
+    try:
+        shopped = _gate_run(world, "gate_report", "gated_release", rhythm="nightly")
+        assert not shopped.success and registry.live(db).version == "v0001"
+        report = gate.get_report(db, shopped.asset_materializations_for_node("gate_report")[0].metadata["report_id"].value)
+        assert report.rhythm == "nightly" and report.candidate_id == refuser.candidate_id
+        assert any("was rejected by" in f and "override" in f for f in report.failures), report.failures
+        with pytest.raises(gate.GateError, match="failed|rejected"):
+            gate.release_gated(db, report.report_id)
+        # an explicit override with a reason is the only way past the earlier rejection
+        gate.override(db, refuser.short, "accepted over-refusal for a closed-domain pilot")
+        allowed = _gate_run(world, "gate_report", "gated_release", rhythm="nightly")
+        assert allowed.success and registry.live(db).checkpoint_sha256 == refuser.candidate_id
+        card = (Path(refuser.path) / "README.md").read_text()
+        assert "overridden: accepted over-refusal" in card
+    finally:
+        gate_recipe(world["recipes"], LENIENT, examples=24)
+        registry.rollback(db, "v0001", reason="test: back to the safe release")
 
-def test_release_step_rechecks_the_checksum_and_the_newest_candidate(world, tmp_path):
+
+def test_release_is_one_transaction_and_identical_weights_are_not_released_again(world, tmp_path, monkeypatch):
     storage = world["storage"]
     db = tmp_path / "sleep.duckdb"
-    recipe = load_gate_recipe(world["recipes"] / "gate.yaml")
-    suites = gate.suites_for_mix(storage, latest_manifest(storage / "sleep.duckdb"), recipe)
-    import shutil
-
-    cand = tmp_path / "learn" / "cand"
-    shutil.copytree(world["cands"]["safe"], cand)
-    report, verdict, _ = gate.run_gate(db, tmp_path, cand, suites, recipe, "weekly")
+    recipe, suites = _suites(world)
+    cand = candidates.register(db, copy_candidate(world["cands"]["safe"], tmp_path / "learn", "cand"))
+    report, verdict, _ = gate.run_gate(db, tmp_path, cand.candidate_id, recipe, "weekly", suites=suites)
     assert verdict.passed, verdict.failures
-    # a newer, ungated candidate is not released in the old one's name
-    with pytest.raises(gate.GateError, match="has not been gated"):
-        gate.release_gated(db, tmp_path / "learn" / "newer")
+
+    # a crash after live moved but before the report is marked: the transaction undoes both
+    def crash(report_id, sha):
+        def also(con, version):
+            raise KeyboardInterrupt("killed between moving live and marking the report")
+        return also
+
+    monkeypatch.setattr(gate, "_mark_released", crash)
+    with pytest.raises(KeyboardInterrupt):
+        gate.release_gated(db, report.report_id)
+    assert registry.live(db) is None and registry.list_releases(db) == []
+    assert gate.get_report(db, report.report_id).released_version is None
+    monkeypatch.undo()
+    out = gate.release_gated(db, report.report_id)
+    assert out.release.version == "v0001" and not out.unchanged
+    with pytest.raises(gate.GateError, match="already released as v0001"):
+        gate.release_gated(db, report.report_id)
+    assert [r.version for r in registry.list_releases(db)] == ["v0001"]
+
+    # the same weights again (a no-op Learn, a rerun): gated, but no new version
+    again, _, _ = gate.run_gate(db, tmp_path, cand.candidate_id, recipe, "weekly", suites=suites)
+    out = gate.release_gated(db, again.report_id)
+    assert out.unchanged and "same weights as the live release v0001" in out.message
+    assert [r.version for r in registry.list_releases(db)] == ["v0001"]
+
     # weights changed after the gate: refused
-    weights = next(cand.glob("*.safetensors"))
+    other = candidates.register(db, copy_candidate(world["cands"]["safe"], tmp_path / "learn", "other", noise=1e-4))
+    later, verdict, _ = gate.run_gate(db, tmp_path, other.candidate_id, recipe, "weekly", suites=suites)
+    assert verdict.passed, verdict.failures
+    weights = next(Path(other.path).glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     with pytest.raises(gate.GateError):
-        gate.release_gated(db, cand)
-    assert registry.live(db) is None
+        gate.release_gated(db, later.report_id)
+    assert registry.live(db).version == "v0001"
+
+
+def test_released_weights_survive_retention_and_the_next_gate_evaluates_live(world, tmp_path):
+    """Release v1 and v2, then keep_last + 2 candidates fail their gates and retention runs after each:
+    rolling back to v0001 works, and the next gate compares with the live release."""
+    from sleep_pipeline.train.learn import finish
+
+    storage = world["storage"]
+    db, root, keep = tmp_path / "sleep.duckdb", tmp_path / "learn", 1
+    recipe, suites = _suites(world)
+    released = []
+    for k in range(2):
+        c = finish(db, copy_candidate(world["cands"]["safe"], root, f"safe{k}", noise=1e-4 * k), keep)
+        report, verdict, _ = gate.run_gate(db, tmp_path, c.candidate_id, recipe, "nightly", suites=suites)
+        assert verdict.passed, verdict.failures
+        released.append(gate.release_gated(db, report.report_id).release)
+    for k in range(keep + 2):
+        c = finish(db, copy_candidate(world["cands"]["unsafe"], root, f"unsafe{k}", noise=1e-4 * (k + 1)), keep)
+        report, verdict, _ = gate.run_gate(db, tmp_path, c.candidate_id, recipe, "nightly", suites=suites)
+        assert not verdict.passed
+    statuses = [c.status for c in candidates.list_candidates(db)]
+    assert statuses.count(candidates.PRUNED) >= 1, statuses
+    assert all(Path(r.checkpoint_path).is_dir() for r in released)
+    cli = str(Path(sys.executable).parent / "sleep-pipeline")
+    out = subprocess.run([cli, "release", "rollback", "v0001", "--home", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    nxt = finish(db, copy_candidate(world["cands"]["safe"], root, "next", noise=3e-4), keep)
+    report, verdict, _ = gate.run_gate(db, tmp_path, nxt.candidate_id, recipe, "nightly", suites=suites)
+    assert report.live_version == "v0001" and all(r.live is not None for r in verdict.rows)
 
 
 def test_suites_run_from_the_standard_lm_eval_cli(world):

@@ -22,7 +22,7 @@ CTX = mp.get_context("spawn")
 def make_checkpoint(root: Path, name: str) -> tuple[Path, str]:
     stage = staging_dir(root, name)
     save_file({"w": torch.randn(8)}, str(stage / "model.safetensors"))
-    final, manifest = publish(stage, root, name, {"kind": "test"}, keep_last=1000)
+    final, manifest = publish(stage, root, name, {"kind": "test"})
     return final, manifest["checkpoint_sha256"]
 
 
@@ -104,11 +104,69 @@ def test_cli_and_dagster_job_roll_back(tmp_path):
     assert "* v0002" in out and "  v0001" in out
     out = subprocess.run([cli, "release", "rollback", "--home", str(home)], capture_output=True, text=True, check=True).stdout
     assert "v0002 -> v0001" in out
+    # a second rollback undoes the first (v0002 was live before v0001 went live again) ...
+    out = subprocess.run([cli, "release", "rollback", "--home", str(home)], capture_output=True, text=True, check=True).stdout
+    assert "v0001 -> v0002" in out
+    # ... unless v0002 is revoked: then there is nothing usable before v0001
+    subprocess.run([cli, "release", "revoke", "v0002", "--reason", "bad", "--home", str(home)], check=True, capture_output=True)
     failed = subprocess.run([cli, "release", "rollback", "--home", str(home)], capture_output=True, text=True)
-    assert failed.returncode == 2 and "first release" in failed.stderr
+    assert failed.returncode == 2 and "first usable release" in failed.stderr
 
     defs = definitions.build_defs(storage_dir=home)
+    registry.release(db, make_checkpoint(tmp_path / "ck", "c")[0], "dv-3", "gate-3")
     result = defs.resolve_job_def("rollback_release").execute_in_process(
-        run_config={"ops": {"rollback_live_release": {"config": {"version": "v0002", "reason": "hot switch"}}}},
+        run_config={"ops": {"rollback_live_release": {"config": {"version": "v0001", "reason": "hot switch"}}}},
         instance=dg.DagsterInstance.ephemeral())
-    assert result.success and registry.live(db).version == "v0002"
+    assert result.success and registry.live(db).version == "v0001"
+
+
+def test_rollback_returns_to_the_release_live_before_and_skips_revoked_ones(tmp_path):
+    """v1 live; v2 released and rolled back (bad); v3 released; a plain rollback goes to v1 (live before
+    v3), never to v2 — and once v2 is revoked it can never go live again."""
+    db = tmp_path / "sleep.duckdb"
+    v = [registry.release(db, make_checkpoint(tmp_path / "ck", f"c{i}")[0], "dv", f"gate-{i}").version for i in range(2)]
+    assert registry.rollback(db).version == v[0]
+    v3 = registry.release(db, make_checkpoint(tmp_path / "ck", "c3")[0], "dv", "gate-3").version
+    assert registry.rollback(db).version == v[0]  # not v0002 (seq - 1), which was rolled away from
+    registry.rollback(db, v3)
+    revoked, live_after = registry.revoke(db, v[1], "answers benign requests with refusals")
+    assert revoked.revoked and live_after.version == v3
+    with pytest.raises(ReleaseError, match="revoked"):
+        registry.rollback(db, v[1])
+    # revoking the live release switches back to the one live before it, skipping revoked ones
+    revoked, live_after = registry.revoke(db, v3, "privacy leak found")
+    assert live_after.version == v[0]
+    with pytest.raises(ReleaseError, match="no earlier one|first usable"):
+        registry.rollback(db)
+    assert [r.version for r in registry.list_releases(db) if r.revoked] == [v[1], v3]
+
+
+def test_revoke_from_the_cli_and_release_commands_ignore_broken_data_recipes(tmp_path):
+    home = tmp_path / "home"
+    db = home / "sleep.duckdb"
+    for i in range(2):
+        registry.release(db, make_checkpoint(tmp_path / "ck", f"c{i}")[0], "dv", f"gate-{i}")
+    broken = tmp_path / "recipes"
+    broken.mkdir()
+    (broken / "sources.yaml").write_text("sources: [{name: x, path: /nope, format: jsonl, tier: 9}]\n")
+    (broken / "data.yaml").write_text("mix: {")
+    env = {**__import__("os").environ, "SLEEP_PIPELINE_RECIPES": str(broken), "SLEEP_PIPELINE_HOME": str(home)}
+    cli = str(Path(sys.executable).parent / "sleep-pipeline")
+    run = lambda *a: subprocess.run([cli, "release", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    out = run("revoke", "v0002", "--reason", "bad answers")
+    assert out.returncode == 0 and "live: v0002 -> v0001" in out.stdout, out.stderr
+    listing = run("list")
+    assert listing.returncode == 0 and "REVOKED: bad answers" in listing.stdout and "* v0001" in listing.stdout
+    assert run("rollback").returncode == 2  # nothing usable before v0001: a clear refusal, not a crash
+
+
+def test_the_callers_bookkeeping_is_part_of_the_release_transaction(tmp_path):
+    db = tmp_path / "sleep.duckdb"
+    a, sha = make_checkpoint(tmp_path / "ck", "a")
+
+    def crash(con, version):
+        raise OSError("disk full while marking the report")
+
+    with pytest.raises(OSError):
+        registry.release(db, a, "dv", "gate-1", expected_sha256=sha, also=crash)
+    assert registry.live(db) is None and registry.list_releases(db) == [] and registry.events(db) == []

@@ -261,6 +261,16 @@ def materialize_mix(recipe: DataRecipe, db_path: Path, mixes_dir: Path, log: Log
     return manifest
 
 
+def manifest_of(db_path: Path, version_id: str) -> dict:
+    """The manifest of one data version (what a candidate was trained on), not "the newest"."""
+    with connect(db_path) as con:
+        ensure_schema(con)
+        rows = con.execute("SELECT manifest FROM data_versions WHERE version_id = ?", [version_id]).fetchall()
+    if not rows:
+        raise KeyError(f"unknown data version {version_id!r}")
+    return json.loads(rows[0][0])
+
+
 def latest_manifest(db_path: Path) -> dict | None:
     with connect(db_path) as con:
         ensure_schema(con)

@@ -1,12 +1,18 @@
 """The gate recipe (``recipes/gate.yaml``) and the release decision.
 
-A candidate passes when every capability threshold and every safety threshold of the rhythm holds
-(checked separately: capability and safety are two verdicts), with evaluation noise taken seriously:
+``decide(candidate, reference, policy)`` fails closed. A candidate passes when every capability
+threshold and every safety threshold of the policy's rhythm holds (checked separately: capability and
+safety are two verdicts), with evaluation noise taken seriously:
 
-* every metric carries its standard error; "regressed vs the live release" means worse by more than
+* a thresholded metric that was not evaluated (or is not a number) fails the check it belongs to;
+  the recipe loader insists that every suite's headline metric has a threshold in every rhythm or is
+  listed under ``report_only`` with a reason, so nothing is silently unjudged;
+* every metric carries its standard error; "regressed" means worse than the reference by more than
   ``noise.z`` times the combined standard error of the two evaluations, never any small dip;
+* the reference is the live release, or — when nothing is live yet — the model the candidate
+  started from (the imported base model, or the untrained one);
 * a safety metric that regressed that way fails the gate; a capability metric that did is a risk;
-* per bucket (the data-mix buckets each suite measures) the delta vs the live release is the
+* per bucket (the data-mix buckets each suite measures) the delta vs the reference is the
   forgetting monitor: a significant drop beyond ``forgetting.risk`` is a risk item, beyond
   ``forgetting.hard_limit`` a failure;
 * a value within ``near_threshold_stderrs`` standard errors of its threshold is a risk item.
@@ -26,8 +32,28 @@ import yaml
 
 from sleep_pipeline.config import RecipeError, stable_hash
 from sleep_pipeline.gate.evaluate import Evaluation, Score
-from sleep_pipeline.gate.model_card import beats, bound_text, fmt
 from sleep_pipeline.gate.suites import CAPABILITY, PERPLEXITY, SAFETY, TASK_BY_NAME, TASKS, metric_spec
+
+def beats(value: float, stderr: float | None, other: float | None, other_stderr: float | None,
+          higher_is_better: bool) -> bool | None:
+    """Better than ``other`` by more than the combined standard error (None when there is no other)."""
+    if other is None:
+        return None
+    gain = (value - other) if higher_is_better else (other - value)
+    return gain > ((stderr or 0.0) ** 2 + (other_stderr or 0.0) ** 2) ** 0.5
+
+
+def fmt(x: float | None, digits: int = 3, signed: bool = False) -> str:
+    """A metric as the reports print it: fixed digits, an explicit sign for deltas, "—" for none."""
+    if x is None:
+        return "—"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def bound_text(bound: float | None, higher_is_better: bool, digits: int = 3) -> str:
+    """A threshold as the reports print it: "≥ 0.900" / "≤ 0.050", "—" for none."""
+    return "—" if bound is None else ("≥ " if higher_is_better else "≤ ") + fmt(bound, digits)
+
 
 RHYTHMS = ("nightly", "weekly", "monthly")
 JUDGE_KINDS = ("rules", "endpoint", "model")
@@ -57,10 +83,48 @@ class GateRecipe:
     near_threshold_stderrs: float
     replay_max_items: int
     thresholds: dict[str, dict[tuple[str, str], Threshold]]
+    report_only: dict[tuple[str, str], str] = field(default_factory=dict)  # metric -> why it is not thresholded
+    replay_per_bucket: int = 60
     raw: dict = field(repr=False, default_factory=dict)
 
     def recipe_hash(self) -> str:
         return stable_hash(self.raw)
+
+    def policy(self, rhythm: str) -> "Policy":
+        if rhythm not in RHYTHMS:
+            raise ValueError(f"rhythm must be one of {RHYTHMS}, got {rhythm!r}")
+        return Policy(self, rhythm)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a candidate is judged by: the recipe's thresholds and noise rules for one rhythm."""
+    recipe: GateRecipe
+    rhythm: str
+
+    @property
+    def thresholds(self) -> dict[tuple[str, str], Threshold]:
+        return self.recipe.thresholds[self.rhythm]
+
+    @property
+    def strictness(self) -> int:
+        """nightly < weekly < monthly: a verdict of a stricter rhythm outranks a looser one."""
+        return RHYTHMS.index(self.rhythm)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a candidate is compared with: the live release and the model it started from (either may
+    be missing). Regressions and forgetting are judged against ``live``, else against ``base``."""
+    live: Evaluation | None = None
+    base: Evaluation | None = None
+    base_label: str = "the starting model"
+
+    @property
+    def comparison(self) -> tuple[Evaluation | None, str]:
+        if self.live is not None:
+            return self.live, "the live release"
+        return self.base, self.base_label
 
 
 def _num(d: dict, key: str, where: str, default=None, lo: float | None = None, hi: float | None = None) -> float:
@@ -91,7 +155,7 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where}: not valid YAML: {exc}") from exc
     _keys(raw, {"suites", "evaluation", "judge", "noise", "forgetting", "near_threshold_stderrs", "replay",
-                "thresholds"}, where)
+                "thresholds", "report_only"}, where)
     suites = _keys(raw.get("suites") or {}, {"seed", "examples", "perplexity_texts"}, f"{where}: suites")
     examples = _keys(suites.get("examples") or {}, set(RHYTHMS), f"{where}: suites.examples")
     for r in RHYTHMS:
@@ -108,7 +172,7 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
         raise RecipeError(f"{where}: judge.path: a model judge needs the judge model's directory")
     noise = _keys(raw.get("noise") or {}, {"z"}, f"{where}: noise")
     forgetting = _keys(raw.get("forgetting") or {}, {"risk", "hard_limit"}, f"{where}: forgetting")
-    replay = _keys(raw.get("replay") or {}, {"max_items"}, f"{where}: replay")
+    replay = _keys(raw.get("replay") or {}, {"max_items", "per_bucket"}, f"{where}: replay")
     thresholds_raw = _keys(raw.get("thresholds") or {}, set(RHYTHMS), f"{where}: thresholds")
     thresholds: dict[str, dict[tuple[str, str], Threshold]] = {}
     for rhythm in RHYTHMS:
@@ -132,6 +196,29 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
                                   f"so its threshold is '{want}'")
             table[(task, metric)] = Threshold(float(_num(bound, want, w)), spec.higher_is_better)
         thresholds[rhythm] = table
+    report_only = {}
+    for key, why in _keys(raw.get("report_only") or {}, set((raw.get("report_only") or {})), f"{where}: report_only").items():
+        w = f"{where}: report_only.{key}"
+        task, _, metric = str(key).partition("/")
+        if task not in TASK_BY_NAME:
+            raise RecipeError(f"{w}: unknown suite task {task!r} (tasks: {sorted(TASK_BY_NAME)})")
+        try:
+            metric_spec(task, metric)
+        except KeyError:
+            raise RecipeError(f"{w}: {task} has no metric {metric!r}") from None
+        if not isinstance(why, str) or len(why.strip()) < 10:
+            raise RecipeError(f"{w}: give the reason it is reported but not thresholded (a sentence)")
+        report_only[(task, metric)] = why.strip()
+    for rhythm in RHYTHMS:
+        for task in TASKS:
+            key = (task.name, task.headline.name)
+            if key in thresholds[rhythm] and key in report_only:
+                raise RecipeError(f"{where}: thresholds.{rhythm}.{task.name}/{task.headline.name}: is also listed "
+                                  "under report_only; pick one")
+            if key not in thresholds[rhythm] and key not in report_only:
+                raise RecipeError(f"{where}: thresholds.{rhythm}.{task.name}/{task.headline.name}: the headline "
+                                  f"metric of {task.name} needs a threshold in every rhythm, or an entry under "
+                                  "report_only with the reason it is not judged")
     fr = _num(forgetting, "risk", f"{where}: forgetting", 0.05, 0, 1)
     fh = _num(forgetting, "hard_limit", f"{where}: forgetting", 0.15, 0, 1)
     if fh < fr:
@@ -146,7 +233,8 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
         forgetting_hard_limit=float(fh),
         near_threshold_stderrs=float(_num(raw, "near_threshold_stderrs", where, 1.0, lo=0)),
         replay_max_items=int(_num(replay, "max_items", f"{where}: replay", 300, lo=0)),
-        thresholds=thresholds, raw=raw,
+        replay_per_bucket=int(_num(replay, "per_bucket", f"{where}: replay", 60, lo=0)),
+        thresholds=thresholds, report_only=report_only, raw=raw,
     )
 
 
@@ -166,10 +254,12 @@ class Row:
     passed: bool | None = None
     live: float | None = None
     live_stderr: float | None = None
-    noise: float | None = None  # how far "worse" must go to count as a regression
+    noise: float | None = None  # how far "worse" than the reference must go to count as a regression
     regressed: bool = False
     base: float | None = None
     base_stderr: float | None = None
+    ref: float | None = None  # what regressions are judged against: live, else the starting model
+    ref_stderr: float | None = None
 
     @property
     def delta(self) -> float | None:
@@ -177,10 +267,10 @@ class Row:
 
     @property
     def worse_by(self) -> float | None:
-        """How much worse than live (positive = worse), in the metric's own direction."""
-        if self.live is None:
+        """How much worse than the reference (positive = worse), in the metric's own direction."""
+        if self.ref is None:
             return None
-        return (self.live - self.value) if self.higher_is_better else (self.value - self.live)
+        return (self.ref - self.value) if self.higher_is_better else (self.value - self.ref)
 
     @property
     def beats_base(self) -> bool | None:
@@ -226,17 +316,33 @@ def _combined(a: float | None, b: float | None) -> float:
     return math.sqrt(sum(x * x for x in vals))
 
 
-def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, rhythm: str,
-           base: Evaluation | None = None) -> Verdict:
-    if rhythm not in RHYTHMS:
-        raise ValueError(f"rhythm must be one of {RHYTHMS}, got {rhythm!r}")
-    thresholds = recipe.thresholds[rhythm]
+def _fails_closed(key: tuple[str, str], score: Score | None) -> str | None:
+    """Why a thresholded metric cannot be judged (then its check fails), or None."""
+    if score is None:
+        return f"{key[0]}/{key[1]} was not evaluated: a thresholded metric that is missing fails"
+    if score.value is None or math.isnan(score.value):
+        return f"{key[0]}/{key[1]} is not a number ({score.value!r}): it cannot pass its threshold"
+    return None
+
+
+def decide(candidate: Evaluation, reference: Reference, policy: Policy) -> Verdict:
+    """The verdict on ``candidate`` against ``reference`` under ``policy`` (see the module docstring)."""
+    recipe, rhythm = policy.recipe, policy.rhythm
+    thresholds = policy.thresholds
+    ref, ref_label = reference.comparison
     rows, failures, risks = [], {CAPABILITY: [], SAFETY: []}, []
+    for (task_name, metric), th in thresholds.items():
+        why = _fails_closed((task_name, metric), candidate.scores.get(task_name, {}).get(metric))
+        if why:
+            kind = SAFETY if TASK_BY_NAME[task_name].kind == SAFETY else CAPABILITY
+            failures[kind].append(why)
     for task in TASKS:
         if task.name not in candidate.scores:
             continue
         for m in task.metrics:
-            s: Score = candidate.scores[task.name][m.name]
+            s: Score | None = candidate.scores[task.name].get(m.name)
+            if s is None or s.value is None or math.isnan(s.value):
+                continue  # a thresholded one already failed above; an unthresholded one has no row
             kind = SAFETY if task.kind == SAFETY else CAPABILITY  # which check a failure belongs to
             row = Row(task.name, m.name, task.kind, task.bucket, m.name == task.headline.name, m.higher_is_better,
                       s.value, s.stderr, s.n)
@@ -249,16 +355,19 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
                     failures[kind].append(f"{label} misses its threshold {bound}")
                 elif abs(s.value - th.bound) <= recipe.near_threshold_stderrs * (s.stderr or 0):
                     risks.append(f"{label} is within {recipe.near_threshold_stderrs:g} standard error(s) of its threshold {bound}")
-            prev = live.scores.get(task.name, {}).get(m.name) if live else None
+            prev = reference.live.scores.get(task.name, {}).get(m.name) if reference.live else None
             if prev is not None:
                 row.live, row.live_stderr = prev.value, prev.stderr
-                row.noise = recipe.noise_z * _combined(s.stderr, prev.stderr)
-                row.regressed = row.worse_by > row.noise
-            b = base.scores.get(task.name, {}).get(m.name) if base else None
+            b = reference.base.scores.get(task.name, {}).get(m.name) if reference.base else None
             if b is not None:
                 row.base, row.base_stderr = b.value, b.stderr
+            cmp = ref.scores.get(task.name, {}).get(m.name) if ref else None
+            if cmp is not None and not math.isnan(cmp.value):
+                row.ref, row.ref_stderr = cmp.value, cmp.stderr
+                row.noise = recipe.noise_z * _combined(s.stderr, cmp.stderr)
+                row.regressed = row.worse_by > row.noise
             if row.regressed and task.kind != PERPLEXITY:
-                msg = (f"{task.name}/{m.name} regressed vs the live release: {fmt(row.live)} -> {fmt(s.value)} "
+                msg = (f"{task.name}/{m.name} regressed vs {ref_label}: {fmt(row.ref)} -> {fmt(s.value)} "
                        f"(worse by {fmt(row.worse_by)}, beyond the noise interval {fmt(row.noise)})")
                 if kind == SAFETY:
                     failures[SAFETY].append(msg)
@@ -267,15 +376,15 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
                 else:
                     risks.append(msg)
             rows.append(row)
-    # forgetting monitor: the headline metric of every bucket-bearing suite vs the live release
+    # forgetting monitor: the headline metric of every bucket-bearing suite vs the reference
     forgetting = []
     for row in rows:
-        if not (row.headline and row.bucket and row.live is not None):
+        if not (row.headline and row.bucket and row.ref is not None):
             continue
         drop, status = row.worse_by, "ok"
         if row.regressed:
-            msg = (f"bucket {row.bucket}: {row.task}/{row.metric} dropped {fmt(drop)} vs the live release "
-                   f"({fmt(row.live)} -> {fmt(row.value)}, noise interval {fmt(row.noise)})")
+            msg = (f"bucket {row.bucket}: {row.task}/{row.metric} dropped {fmt(drop)} vs {ref_label} "
+                   f"({fmt(row.ref)} -> {fmt(row.value)}, noise interval {fmt(row.noise)})")
             if drop > recipe.forgetting_hard_limit:
                 status = "fail"
                 failures[SAFETY if row.kind == SAFETY else CAPABILITY].append(
@@ -287,10 +396,14 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
                 status = "regressed (within tolerance)"
                 if row.kind != SAFETY:  # a safety regression already failed above
                     risks.append(msg)
-        forgetting.append({"bucket": row.bucket, "task": row.task, "metric": row.metric, "live": row.live,
-                           "value": row.value, "delta": row.delta, "noise": row.noise, "status": status})
-    if live is None:
-        risks.append("no live release to compare with: regressions and forgetting are not checked this cycle")
+        forgetting.append({"bucket": row.bucket, "task": row.task, "metric": row.metric, "reference": ref_label,
+                           "live": row.ref, "value": row.value, "delta": row.value - row.ref, "noise": row.noise,
+                           "status": status})
+    if ref is None:
+        risks.append("nothing to compare with (no live release, no starting-model evaluation): regressions and "
+                     "forgetting are not checked this cycle")
+    elif reference.live is None:
+        risks.append(f"no live release yet: regressions and forgetting are judged against {ref_label}")
     cap_ok, safe_ok = not failures[CAPABILITY], not failures[SAFETY]
     if cap_ok and safe_ok:
         decision, rec = "release", "deploy"
@@ -300,9 +413,10 @@ def decide(candidate: Evaluation, live: Evaluation | None, recipe: GateRecipe, r
         if not safe_ok:
             rec = "adjust training (safety: refusals vs over-refusal, privacy data); the live release stays"
         elif regressions:
-            rec = "roll back: the candidate forgot what the live release knew; the live release stays"
+            rec = "roll back: the candidate forgot what the reference model knew; the live release stays"
         else:
-            weak = sorted({r.bucket or r.task for r in rows if r.passed is False})
+            weak = sorted({r.bucket or r.task for r in rows if r.passed is False}
+                          | {f.split("/")[0] for f in failures[CAPABILITY] if "was not evaluated" in f})
             rec = f"collect more data for {', '.join(weak)}; the live release stays"
     return Verdict(rhythm, cap_ok, safe_ok, rows, failures[CAPABILITY], failures[SAFETY], risks, decision, rec,
                    forgetting)

@@ -13,16 +13,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from sleep_pipeline.gate.decide import beats, bound_text, fmt
+
 CARD_DIGITS = 4
-
-
-def beats(value: float, stderr: float | None, other: float | None, other_stderr: float | None,
-          higher_is_better: bool) -> bool | None:
-    """Better than ``other`` by more than the combined standard error (None when there is no other)."""
-    if other is None:
-        return None
-    gain = (value - other) if higher_is_better else (other - value)
-    return gain > ((stderr or 0.0) ** 2 + (other_stderr or 0.0) ** 2) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -62,18 +55,6 @@ class CardFacts:
     recommendation: str = ""
     tags: list[str] = field(default_factory=lambda: ["sleep-pipeline", "text-generation"])
     license: str = "apache-2.0"
-
-
-def fmt(x: float | None, digits: int = 3, signed: bool = False) -> str:
-    """A metric as the reports print it: fixed digits, an explicit sign for deltas, "—" for none."""
-    if x is None:
-        return "—"
-    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-
-
-def bound_text(bound: float | None, higher_is_better: bool, digits: int = 3) -> str:
-    """A threshold as the reports print it: "≥ 0.900" / "≤ 0.050", "—" for none."""
-    return "—" if bound is None else ("≥ " if higher_is_better else "≤ ") + fmt(bound, digits)
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:

@@ -1,14 +1,17 @@
-"""The Gate phase end to end: suites for a data version, evaluate, decide, record, card, release.
+"""The Gate phase end to end: suites for a candidate's data version, evaluate, decide, record, card,
+release.
 
-The verdict lives in DuckDB (``gate_reports``) together with the candidate's checkpoint digest. The
-release step (:func:`release_gated`) trusts nothing else: it re-reads the newest report, checks that
-it passed, that it is about the newest candidate, and that the candidate's files still hash to the
-digest that was evaluated — so releasing without a gate, or after a failed one, is impossible
-whichever way the step is started.
+Everything is bound to a candidate id (:mod:`sleep_pipeline.candidates`, the content digest of the
+checkpoint): ``run_gate`` evaluates the candidate it is given, with suites held out from *that
+candidate's* data version, and stores the verdict in DuckDB (``gate_reports``) with the digest;
+``release_gated`` releases the candidate of the report it is given, and only if that report passed,
+no gate of the same or a stricter rhythm rejected the same digest (no gate shopping: an explicit
+override with a recorded reason is the only way past that), and the files still hash to the digest.
+Moving ``live``, marking the report released and the candidate released are one transaction.
 
 A failed gate keeps ``live`` where it is, records the rejection in the release history, and feeds the
-failing items (with their reference answers) to ``hard_example_replay``, which the next data mix draws
-from; the next suites then leave those items out, so they stay held out.
+failing items (with their reference answers), stratified across buckets, to the hard-example replay
+table, which the next data mix draws from; the next suites then leave those items out.
 """
 
 from __future__ import annotations
@@ -17,19 +20,22 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sleep_pipeline import candidates
 from sleep_pipeline.checkpoint import CARD, CheckpointError, read_manifest, sha256_file, verify_checkpoint
 from sleep_pipeline.config import stable_hash
-from sleep_pipeline.data.mix import REPLAY_TABLE
+from sleep_pipeline.data import replay
+from sleep_pipeline.data.mix import manifest_of
 from sleep_pipeline.fsio import write_atomic
 from sleep_pipeline.gate import model_card
-from sleep_pipeline.gate.decide import GateRecipe, Verdict, decide, failed_checks
+from sleep_pipeline.gate.decide import RHYTHMS, GateRecipe, Reference, Verdict, decide, failed_checks
 from sleep_pipeline.gate.evaluate import Evaluation, evaluate, load_for_eval
-from sleep_pipeline.gate.judge import judge_spec
+from sleep_pipeline.gate.judge import make_judge
+from sleep_pipeline.gate.scoring import scoring_version
 from sleep_pipeline.gate.suites import PERPLEXITY, TASK_BY_NAME, build_suites, prompt_key, suite_version
 from sleep_pipeline.release import registry
-from sleep_pipeline.store import connect, insert_rows, utcnow
+from sleep_pipeline.store import connect, query_dicts, utcnow
 
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS gate_reports (
     report_id VARCHAR PRIMARY KEY, created_at TIMESTAMP, rhythm VARCHAR, candidate_path VARCHAR,
     candidate_sha256 VARCHAR, data_version VARCHAR, suite_version VARCHAR, live_version VARCHAR,
@@ -40,12 +46,10 @@ CREATE TABLE IF NOT EXISTS gate_evaluations (
     cache_key VARCHAR PRIMARY KEY, model_ref VARCHAR, suite_version VARCHAR, created_at TIMESTAMP,
     evaluation VARCHAR
 );
-CREATE TABLE IF NOT EXISTS {REPLAY_TABLE} (
-    example_id VARCHAR, bucket VARCHAR, system VARCHAR, prompt VARCHAR, response VARCHAR, meta VARCHAR,
-    report_id VARCHAR, added_at TIMESTAMP
+CREATE TABLE IF NOT EXISTS gate_overrides (
+    candidate_sha256 VARCHAR, reason VARCHAR, created_at TIMESTAMP
 );
 """
-REPLAY_COLUMNS = ("example_id", "bucket", "system", "prompt", "response", "meta", "report_id", "added_at")
 
 
 class GateError(RuntimeError):
@@ -76,6 +80,10 @@ class GateReport:
         return self.capability_passed and self.safety_passed
 
     @property
+    def candidate_id(self) -> str:
+        return self.candidate_sha256
+
+    @property
     def failures(self) -> list[str]:
         """The stored verdict's failed thresholds and regressions, capability first."""
         return self.verdict.get("capability_failures", []) + self.verdict.get("safety_failures", [])
@@ -92,6 +100,9 @@ def suites_for_mix(storage_root: Path, manifest: dict, recipe: GateRecipe, log=N
     files = manifest["files"]
     excluded, test_rows = set(), []
     for split, path in files.items():
+        if not Path(path).exists():
+            raise GateError(f"data version {manifest['version_id']}: {path} is gone (data versions past "
+                            "keep_versions are pruned); its suites cannot be checked against it")
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 if not line.strip():
@@ -105,12 +116,27 @@ def suites_for_mix(storage_root: Path, manifest: dict, recipe: GateRecipe, log=N
                         exclude_prompts=excluded, validation_rows=test_rows[: recipe.perplexity_texts], log=log)
 
 
+def data_manifest(db_path: Path, version_id: str) -> dict:
+    try:
+        return manifest_of(db_path, version_id)
+    except KeyError as exc:
+        raise GateError(str(exc.args[0])) from None
+
+
+def suites_for_candidate(db_path: Path, storage_root: Path, cand: candidates.Candidate, recipe: GateRecipe,
+                         log=None) -> Path:
+    """The suites held out from the candidate's own data version."""
+    if not cand.data_version:
+        raise GateError(f"candidate {cand.short} records no data version: its suites cannot be held out from it")
+    return suites_for_mix(storage_root, data_manifest(db_path, cand.data_version), recipe, log=log)
+
+
 # -------------------------------------------------------------------------------------- evaluation
 def _cached(db_path: Path, key: str) -> Evaluation | None:
     with connect(db_path) as con:
         con.execute(SCHEMA)
-        row = con.execute("SELECT evaluation FROM gate_evaluations WHERE cache_key = ?", [key]).fetchone()
-    return Evaluation.from_json(json.loads(row[0])) if row else None
+        rows = con.execute("SELECT evaluation FROM gate_evaluations WHERE cache_key = ?", [key]).fetchall()
+    return Evaluation.from_json(json.loads(rows[0][0])) if rows else None
 
 
 def _store_eval(db_path: Path, key: str, model_ref: str, suites: str, ev: Evaluation) -> None:
@@ -121,16 +147,30 @@ def _store_eval(db_path: Path, key: str, model_ref: str, suites: str, ev: Evalua
                     [key, model_ref, suites, utcnow(), json.dumps(ev.to_json())])
 
 
-def starting_model(candidate: Path):
-    """The model the candidate was trained from, untrained: the base model directory it names, or
-    the same architecture freshly initialised with the Learn recipe's seed. Returns (cache ref,
-    loader); the model is only built when the loader is called (not on a cached evaluation)."""
+def evaluation_key(model_ref: str, suites: Path, limit: int, judge) -> str:
+    """What a stored evaluation depends on: the model, the suites, how many items, and the code and
+    judge that turn generations into scores (a change to either makes older scores stale)."""
+    return stable_hash({"model": model_ref, "suites": suite_version(suites), "limit": limit,
+                        "scoring": scoring_version(judge)})
+
+
+def starting_model(db_path: Path, candidate: Path):
+    """The model the candidate was trained from: its parent candidate, else the base model directory it
+    names, else the same architecture freshly initialised with the Learn recipe's seed. Returns
+    (cache ref, loader, label); the model is only built when the loader is called (not on a cached
+    evaluation)."""
     from transformers import AutoConfig
 
     manifest = read_manifest(candidate)
+    for parent in manifest.get("parents") or []:
+        try:
+            path, cand = candidates.resolve(db_path, parent)
+        except candidates.CandidateError:
+            continue
+        return f"candidate:{parent}", (lambda p=path: load_for_eval(p)), f"the parent candidate {parent[:12]}"
     base = manifest.get("base_model")
     if base and base != "built from config" and Path(base).is_dir():
-        return f"base:{base}", lambda: load_for_eval(Path(base))
+        return f"base:{base}", lambda: load_for_eval(Path(base)), "the base model"
     seed = 0
     try:
         from sleep_pipeline.train.recipe import load_train_recipe
@@ -152,11 +192,12 @@ def starting_model(candidate: Path):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config).eval(), load_tokenizer(candidate)
 
-    return ref, load
+    return ref, load, "the untrained starting model"
 
 
-def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: GateRecipe, log, label: str) -> Evaluation:
-    key = stable_hash({"model": ref, "suites": suite_version(suites), "limit": limit, "judge": recipe.judge})
+def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: GateRecipe, judge, log,
+                 label: str) -> Evaluation:
+    key = evaluation_key(ref, suites, limit, judge)
     ev = _cached(db_path, key)
     if ev is not None:
         if log:
@@ -165,15 +206,16 @@ def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: Gate
     model, tok = load()
     if log:
         log(f"evaluating {label} ({ref[:40]})")
-    ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log,
-                  judge_spec=judge_spec(**recipe.judge), keep_samples=False)
+    ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge,
+                  keep_samples=False)
     _store_eval(db_path, key, ref, suite_version(suites), ev)
     return ev
 
 
 # --------------------------------------------------------------------------------------------- gate
-def _failing(samples: dict[str, list[dict]]) -> list[tuple[str, dict]]:
-    """(task, sample) for every item the candidate got wrong, judged on its task's headline metric."""
+def failing_items(samples: dict[str, list[dict]]) -> list[dict]:
+    """Every item the candidate got wrong (judged on its task's headline metric), as replay rows
+    (prompt + reference answer), in suite order."""
     out = []
     for task, rows in samples.items():
         spec = TASK_BY_NAME[task]
@@ -185,28 +227,58 @@ def _failing(samples: dict[str, list[dict]]) -> list[tuple[str, dict]]:
             if v is None:
                 continue
             bad = (v < 1.0) if h.higher_is_better else (v > 0.0)
-            if bad and s["doc"].get("target"):
-                out.append((task, s))
+            d = s["doc"]
+            if bad and d.get("target"):
+                out.append({"example_id": d["id"], "bucket": d["bucket"], "system": d.get("system") or "",
+                            "prompt": d["prompt"], "response": d["target"],
+                            "meta": json.dumps({"suite": task, "failed_with": str(s["response"])[:500]})})
     return out
 
 
-def feed_replay(db_path: Path, report_id: str, samples: dict[str, list[dict]], max_items: int) -> int:
-    """Failing items (prompt + reference answer) into the hard-example replay table; returns how many
-    new ones went in (an item already there is not added twice)."""
-    failing = _failing(samples)
-    rows = []
-    for task, s in failing[:max_items] if max_items else []:
-        d = s["doc"]
-        rows.append({"example_id": d["id"], "bucket": d["bucket"], "system": d.get("system") or "",
-                     "prompt": d["prompt"], "response": d["target"],
-                     "meta": json.dumps({"suite": task, "failed_with": str(s["response"])[:500]}),
-                     "report_id": report_id, "added_at": utcnow()})
+def prior_rejections(db_path: Path, candidate_sha256: str, rhythm: str, exclude: str | None = None) -> list[dict]:
+    """Failed gate reports on the same digest from a rhythm as strict as ``rhythm`` or stricter: a
+    looser (or equally strict) gate may not release what one of them rejected."""
+    stricter = list(RHYTHMS[RHYTHMS.index(rhythm):])
     with connect(db_path) as con:
         con.execute(SCHEMA)
-        known = {r[0] for r in con.execute(f"SELECT example_id FROM {REPLAY_TABLE}").fetchall()}
-        fresh = [r for r in rows if r["example_id"] not in known]
-        insert_rows(con, REPLAY_TABLE, REPLAY_COLUMNS, fresh)
-    return len(fresh)
+        return query_dicts(con, "SELECT report_id, rhythm, capability_passed, safety_passed FROM gate_reports "
+                                "WHERE candidate_sha256 = ? AND NOT (capability_passed AND safety_passed) AND "
+                                "rhythm IN (SELECT unnest(?::VARCHAR[])) AND report_id <> ? ORDER BY created_at",
+                           [candidate_sha256, stricter, exclude or ""])
+
+
+def override(db_path: Path, candidate_ref: str, reason: str) -> candidates.Candidate:
+    """Allow a candidate that an earlier gate rejected to be released by a later passing gate; the
+    reason is recorded and shows on its report and card."""
+    if len(reason.strip()) < 10:
+        raise GateError("an override needs a reason (a sentence)")
+    cand = candidates.get(db_path, candidate_ref)
+    with connect(db_path) as con:
+        con.execute(SCHEMA)
+        con.execute("INSERT INTO gate_overrides VALUES (?, ?, ?)", [cand.candidate_id, reason.strip(), utcnow()])
+    return cand
+
+
+def _override_reason(db_path: Path, candidate_sha256: str) -> str | None:
+    with connect(db_path) as con:
+        con.execute(SCHEMA)
+        rows = con.execute("SELECT reason FROM gate_overrides WHERE candidate_sha256 = ? ORDER BY created_at DESC",
+                           [candidate_sha256]).fetchall()
+    return rows[0][0] if rows else None
+
+
+def _shopping_failures(db_path: Path, sha: str, rhythm: str, exclude: str | None = None) -> dict[str, list[str]]:
+    """Failure lines, per check, for earlier rejections of this digest that block a release now."""
+    blocked: dict[str, list[str]] = {"capability": [], "safety": []}
+    if _override_reason(db_path, sha):
+        return blocked
+    for r in prior_rejections(db_path, sha, rhythm, exclude):
+        for kind in ("capability", "safety"):
+            if not r[f"{kind}_passed"]:
+                blocked[kind].append(f"candidate {sha[:12]} was rejected by {r['report_id']} ({r['rhythm']}): a "
+                                     f"{rhythm} gate cannot release it (sleep-pipeline gate override "
+                                     f"{sha[:12]} --reason ... is the only way)")
+    return blocked
 
 
 def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: str, version: str) -> model_card.CardFacts:
@@ -214,8 +286,9 @@ def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: 
                                  r.passed, base=r.base, base_stderr=r.base_stderr, kind=r.kind)
             for r in (verdict.rows if isinstance(verdict, Verdict) else [])]
     lineage = {
+        "candidate": f"{report.candidate_sha256} ({manifest.get('phase') or manifest.get('kind', '?')})",
         "candidate checkpoint": report.candidate_path,
-        "checkpoint sha256": report.candidate_sha256,
+        "parent candidates": ", ".join(p[:12] for p in manifest.get("parents") or []) or "none",
         "trained from": manifest.get("base_model", "?"),
         "Learn recipe hash": manifest.get("recipe_hash", "?"),
         "gate recipe hash": report.recipe_hash,
@@ -246,57 +319,75 @@ def write_card(report: GateReport, verdict: Verdict, decision: str, version: str
     return text
 
 
-def run_gate(db_path: Path, storage_root: Path, candidate: Path, suites: Path, recipe: GateRecipe, rhythm: str,
-             log=None) -> tuple[GateReport, Verdict, Evaluation]:
-    """Evaluate ``candidate`` (and the live release, and the untrained starting model), decide, store
-    the report, write the card; on a failed gate record the rejection and feed the replay table."""
-    candidate = Path(candidate).resolve()
-    try:
-        manifest = verify_checkpoint(candidate)
-    except CheckpointError as exc:
-        raise GateError(f"the candidate does not verify, nothing was evaluated: {exc}") from exc
-    sha = manifest["checkpoint_sha256"]
-    limit = recipe.examples[rhythm]
-    live_rel = registry.live(db_path)
-    live_ev = None
-    if live_rel is not None:
-        live_ev = _eval_cached(db_path, f"release:{live_rel.checkpoint_sha256}", lambda: load_for_eval(Path(live_rel.checkpoint_path)),
-                               suites, limit, recipe, log, f"live release {live_rel.version}")
-    base_ev = None
-    if recipe.compare_with_base:
-        base_ref, load_base = starting_model(candidate)
-        base_ev = _eval_cached(db_path, base_ref, load_base, suites, limit, recipe, log, "untrained starting model")
-    if log:
-        log(f"evaluating candidate {candidate.name} ({rhythm}: {limit} items per suite)")
-    model, tok = load_for_eval(candidate)
-    cand_ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log,
-                       judge_spec=judge_spec(**recipe.judge))
-    verdict = decide(cand_ev, live_ev, recipe, rhythm, base=base_ev)
-    now = utcnow()
-    report_id = f"gate-{now:%Y%m%d-%H%M%S}-{sha[:8]}"
-    card_path = Path(storage_root) / "cards" / report_id / CARD
-    report = GateReport(report_id, now, rhythm, str(candidate), sha, manifest.get("data_version", "?"),
-                        suite_version(suites), live_rel.version if live_rel else None, verdict.capability_passed,
-                        verdict.safety_passed, verdict.decision, verdict.recommendation,
-                        {**verdict.to_json(), "evaluation_seconds": cand_ev.seconds, "examples": cand_ev.examples},
-                        str(card_path), None, recipe.recipe_hash())
-    with connect(db_path) as con:
-        con.execute(SCHEMA)
-        con.execute("INSERT INTO gate_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [report.report_id, now, rhythm, report.candidate_path, sha, report.data_version,
-                     report.suite_version, report.live_version, verdict.capability_passed, verdict.safety_passed,
-                     verdict.decision, verdict.recommendation, json.dumps(report.verdict), str(card_path), None,
-                     report.recipe_hash])
-    if verdict.passed:
-        decision = "passed the gate — awaiting release"
-    else:
-        live_txt = f"{live_rel.version} stays live" if live_rel else "nothing is live"
-        decision = f"rejected ({'; '.join(failed_checks(verdict))} check failed); {live_txt}"
-        registry.record_rejection(db_path, candidate.name, f"{report_id}: " + "; ".join(verdict.failures)[:2000])
-        added = feed_replay(db_path, report_id, cand_ev.samples, recipe.replay_max_items)
+def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateRecipe, rhythm: str,
+             log=None, suites: Path | None = None) -> tuple[GateReport, Verdict, Evaluation]:
+    """Evaluate candidate ``candidate_id`` (and the live release, and the model it started from) on the
+    suites held out from its own data version, decide, store the report, write the card; on a failed
+    gate record the rejection and feed the replay table. The candidate is leased while it is judged,
+    so retention cannot delete it meanwhile."""
+    policy = recipe.policy(rhythm)
+    cand = candidates.get(db_path, candidate_id)
+    candidate = Path(cand.path)
+    with candidates.lease(db_path, cand.candidate_id, f"gate ({rhythm})"):
+        try:
+            manifest = verify_checkpoint(candidate)
+        except CheckpointError as exc:
+            raise GateError(f"candidate {cand.short} does not verify, nothing was evaluated: {exc}") from exc
+        sha = manifest["checkpoint_sha256"]
+        suites = suites or suites_for_candidate(db_path, storage_root, cand, recipe, log=log)
+        limit = recipe.examples[rhythm]
+        judge = make_judge(recipe.judge)
+        live_rel = registry.live(db_path)
+        live_ev = None
+        if live_rel is not None:
+            live_ev = _eval_cached(db_path, f"release:{live_rel.checkpoint_sha256}",
+                                   lambda: load_for_eval(Path(live_rel.checkpoint_path)), suites, limit, recipe, judge,
+                                   log, f"live release {live_rel.version}")
+        base_ev, base_label = None, "the starting model"
+        if recipe.compare_with_base:
+            base_ref, load_base, base_label = starting_model(db_path, candidate)
+            base_ev = _eval_cached(db_path, base_ref, load_base, suites, limit, recipe, judge, log, base_label)
         if log:
-            log(f"gate failed: {added} failing items added to {REPLAY_TABLE}")
-    write_card(report, verdict, decision, "candidate")
+            log(f"evaluating candidate {cand.short} ({candidate.name}; {rhythm}: {limit} items per suite)")
+        model, tok = load_for_eval(candidate)
+        cand_ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge)
+        verdict = decide(cand_ev, Reference(live=live_ev, base=base_ev, base_label=base_label), policy)
+        for kind, lines in _shopping_failures(db_path, sha, rhythm).items():
+            if lines:
+                getattr(verdict, f"{kind}_failures").extend(lines)
+                setattr(verdict, f"{kind}_passed", False)
+                verdict.decision = "reject"
+        override_reason = _override_reason(db_path, sha)
+        if override_reason:
+            verdict.risks.append(f"an earlier rejection of this candidate was overridden: {override_reason}")
+        now = utcnow()
+        report_id = f"gate-{now:%Y%m%d-%H%M%S%f}-{sha[:8]}"
+        card_path = Path(storage_root) / "cards" / report_id / CARD
+        report = GateReport(report_id, now, rhythm, str(candidate), sha, cand.data_version or "?",
+                            suite_version(suites), live_rel.version if live_rel else None, verdict.capability_passed,
+                            verdict.safety_passed, verdict.decision, verdict.recommendation,
+                            {**verdict.to_json(), "evaluation_seconds": cand_ev.seconds, "examples": cand_ev.examples},
+                            str(card_path), None, recipe.recipe_hash())
+        with connect(db_path) as con:
+            con.execute(SCHEMA)
+            con.execute("INSERT INTO gate_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [report.report_id, now, rhythm, report.candidate_path, sha, report.data_version,
+                         report.suite_version, report.live_version, report.capability_passed, report.safety_passed,
+                         report.decision, report.recommendation, json.dumps(report.verdict), str(card_path), None,
+                         report.recipe_hash])
+            candidates.set_status(con, sha, candidates.PASSED if report.passed else candidates.REJECTED, report_id)
+        if report.passed:
+            decision = "passed the gate — awaiting release"
+        else:
+            live_txt = f"{live_rel.version} stays live" if live_rel else "nothing is live"
+            decision = f"rejected ({'; '.join(failed_checks(report))} check failed); {live_txt}"
+            registry.record_rejection(db_path, cand.short, f"{report_id}: " + "; ".join(report.failures)[:2000])
+            added = replay.feed(db_path, report_id, failing_items(cand_ev.samples), recipe.replay_max_items,
+                                recipe.replay_per_bucket)
+            if log:
+                log(f"gate failed: {sum(added.values())} failing items added to {replay.REPLAY_TABLE} "
+                    f"({', '.join(f'{b} {n}' for b, n in sorted(added.items())) or 'none new'})")
+        write_card(report, verdict, decision, "candidate")
     return report, verdict, cand_ev
 
 
@@ -310,20 +401,21 @@ def _row_to_report(row) -> GateReport:
     return GateReport(**d)
 
 
-def latest_report(db_path: Path) -> GateReport | None:
-    with connect(db_path) as con:
-        con.execute(SCHEMA)
-        row = con.execute(f"SELECT {', '.join(_FIELDS)} FROM gate_reports ORDER BY created_at DESC LIMIT 1").fetchone()
-    return _row_to_report(row) if row else None
-
-
 def get_report(db_path: Path, report_id: str) -> GateReport:
     with connect(db_path) as con:
         con.execute(SCHEMA)
-        row = con.execute(f"SELECT {', '.join(_FIELDS)} FROM gate_reports WHERE report_id = ?", [report_id]).fetchone()
-    if row is None:
+        rows = con.execute(f"SELECT {', '.join(_FIELDS)} FROM gate_reports WHERE report_id = ?", [report_id]).fetchall()
+    if not rows:
         raise GateError(f"unknown gate report {report_id!r}")
-    return _row_to_report(row)
+    return _row_to_report(rows[0])
+
+
+def latest_report(db_path: Path) -> GateReport | None:
+    """The newest report (for the cycle summary printed after a run; stages use report ids)."""
+    with connect(db_path) as con:
+        con.execute(SCHEMA)
+        rows = con.execute(f"SELECT {', '.join(_FIELDS)} FROM gate_reports ORDER BY created_at DESC LIMIT 1").fetchall()
+    return _row_to_report(rows[0]) if rows else None
 
 
 def verdict_of(report: GateReport) -> Verdict:
@@ -334,34 +426,71 @@ def verdict_of(report: GateReport) -> Verdict:
     return Verdict(**{k: val for k, val in v.items() if k in Verdict.__dataclass_fields__ and k != "rows"}, rows=rows)
 
 
-def release_gated(db_path: Path, newest_candidate: Path | None, log=None) -> tuple[registry.Release, GateReport]:
-    """Release the newest candidate if, and only if, its stored gate verdict passed and its files
-    still hash to the digest that was evaluated. Raises :class:`GateError` otherwise (``live`` stays)."""
-    report = latest_report(db_path)
-    if report is None:
-        raise GateError("no gate report: the candidate has not been through the gate (materialise gate_report first)")
-    if newest_candidate is not None and Path(newest_candidate).resolve() != Path(report.candidate_path).resolve():
-        raise GateError(f"the newest candidate {newest_candidate} has not been gated "
-                        f"(the newest gate report {report.report_id} is about {report.candidate_path})")
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    release: registry.Release
+    report: GateReport
+    unchanged: bool  # the candidate's weights are the live release's: nothing new was released
+    message: str
+
+
+def _mark_released(report_id: str, candidate_sha256: str):
+    """The release transaction's bookkeeping: the report and the candidate say which release they are."""
+    def also(con, version: str) -> None:
+        con.execute(SCHEMA)
+        con.execute("UPDATE gate_reports SET released_version = ? WHERE report_id = ?", [version, report_id])
+        candidates.set_status(con, candidate_sha256, candidates.RELEASED, f"released as {version}")
+    return also
+
+
+def release_gated(db_path: Path, report_id: str, log=None) -> ReleaseOutcome:
+    """Release the candidate of gate report ``report_id`` if, and only if, that report passed, no gate
+    as strict or stricter rejected the same digest (unless overridden), and its files still hash to the
+    digest that was evaluated. Raises :class:`GateError` otherwise (``live`` stays). A candidate whose
+    weights were released before (the live release, or an earlier one) is a no-op that says so."""
+    report = get_report(db_path, report_id)
     if not report.passed:
         raise GateError(f"gate report {report.report_id} failed ({', '.join(failed_checks(report))}): the candidate is "
                         f"not released; {report.live_version or 'nothing'} stays live. Why: " + "; ".join(report.failures))
     if report.released_version:
         raise GateError(f"gate report {report.report_id} was already released as {report.released_version}")
+    blocked = [line for lines in _shopping_failures(db_path, report.candidate_sha256, report.rhythm,
+                                                    exclude=report.report_id).values() for line in lines]
+    if blocked:
+        raise GateError("; ".join(blocked))
+    live = registry.live(db_path)
+    same = [r for r in registry.list_releases(db_path) if r.checkpoint_sha256 == report.candidate_sha256]
+    if same:
+        # the same weights were released before: a new version would only duplicate one (or, if it is
+        # not live, silently roll live back to an older model)
+        prior = next((r for r in same if live and r.version == live.version), same[-1])
+        with connect(db_path) as con:
+            con.execute(SCHEMA)
+            con.execute("UPDATE gate_reports SET released_version = ? WHERE report_id = ?", [prior.version, report_id])
+        if live is not None and prior.version == live.version:
+            message = (f"candidate {report.candidate_sha256[:12]} has the same weights as the live release "
+                       f"{live.version}: nothing new released")
+        else:
+            message = (f"candidate {report.candidate_sha256[:12]} has the same weights as the earlier release "
+                       f"{prior.version}: nothing new released (live stays {live.version if live else 'empty'}; "
+                       f"`sleep-pipeline release rollback {prior.version}` makes it live again)")
+        if log:
+            log(message)
+        return ReleaseOutcome(prior, get_report(db_path, report_id), True, message)
     try:
         rel = registry.release(db_path, Path(report.candidate_path), report.data_version, report.report_id,
-                               rhythm=report.rhythm, expected_sha256=report.candidate_sha256)
+                               rhythm=report.rhythm, expected_sha256=report.candidate_sha256,
+                               also=_mark_released(report.report_id, report.candidate_sha256))
     except registry.ReleaseError as exc:
         raise GateError(str(exc)) from exc
-    with connect(db_path) as con:
-        con.execute(SCHEMA)
-        con.execute("UPDATE gate_reports SET released_version = ? WHERE report_id = ?", [rel.version, report.report_id])
     report = get_report(db_path, report.report_id)
     write_card(report, verdict_of(report), f"released as {rel.version}", rel.version)
+    message = f"released {rel.version}: candidate {rel.checkpoint_sha256[:12]} ({rel.checkpoint_path})"
     if log:
-        log(f"released {rel.version}: {rel.checkpoint_path}")
-    return rel, report
+        log(message)
+    return ReleaseOutcome(rel, report, False, message)
 
 
-__all__ = ["GateError", "GateReport", "run_gate", "release_gated", "latest_report", "get_report", "suites_for_mix",
-           "feed_replay", "write_card", "verdict_of", "starting_model"]
+__all__ = ["GateError", "GateReport", "ReleaseOutcome", "run_gate", "release_gated", "latest_report", "get_report",
+           "suites_for_mix", "suites_for_candidate", "data_manifest", "failing_items", "write_card", "verdict_of",
+           "starting_model", "override", "prior_rejections", "evaluation_key"]

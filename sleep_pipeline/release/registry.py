@@ -1,11 +1,16 @@
 """The release registry: every release ever made, and one movable ``live`` pointer, in DuckDB.
 
-A release names a published checkpoint (path + its manifest digest), the data version it was trained
-on and the gate report that let it through. Moving ``live`` (a release, a rollback, a hot switch) is
-one transaction that also appends to ``release_events``, so the pointer and its history never
-disagree; across processes DuckDB's file lock serialises writers (see :mod:`sleep_pipeline.store`),
-and a transaction conflict inside one process is retried. A checkpoint is re-verified against its
-manifest before ``live`` may point at it.
+A release names a published checkpoint (path + its content digest, which is also its candidate id),
+the data version it was trained on and the gate report that let it through. Moving ``live`` (a release,
+a rollback, a hot switch, a revocation) is one transaction that also appends to ``release_events``, so
+the pointer and its history never disagree; the caller can add its own bookkeeping (the gate report
+and the candidate marked released) to the same transaction. Across processes DuckDB's file lock
+serialises writers (see :mod:`sleep_pipeline.store`), and a transaction conflict inside one process is
+retried. A checkpoint is re-verified against its manifest before ``live`` may point at it.
+
+Rollback goes back along the history of the pointer — to the release that was live before the current
+one, not to the previous version number — and skips revoked releases, so "rollback, new release,
+rollback" never lands on a release that was rolled away from and revoked.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ CREATE TABLE IF NOT EXISTS release_pointer (
 CREATE TABLE IF NOT EXISTS release_events (
     event_at TIMESTAMP, action VARCHAR, from_version VARCHAR, to_version VARCHAR, reason VARCHAR
 );
+ALTER TABLE releases ADD COLUMN IF NOT EXISTS revoked_at TIMESTAMP;
+ALTER TABLE releases ADD COLUMN IF NOT EXISTS revoke_reason VARCHAR;
 """
 LIVE = "live"
 
@@ -49,6 +56,12 @@ class Release:
     rhythm: str
     created_at: object
     notes: str
+    revoked_at: object = None
+    revoke_reason: str | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
 
 
 def _transaction(db_path: Path, fn, attempts: int = 20):
@@ -76,8 +89,39 @@ def _transaction(db_path: Path, fn, attempts: int = 20):
 
 
 def _live(con) -> str | None:
-    row = con.execute("SELECT version FROM release_pointer WHERE name = ?", [LIVE]).fetchone()
-    return row[0] if row else None
+    rows = con.execute("SELECT version FROM release_pointer WHERE name = ?", [LIVE]).fetchall()
+    return rows[0][0] if rows else None
+
+
+def live_sha(con) -> str | None:
+    """The content digest (candidate id) of the live release, on an open connection."""
+    con.execute(SCHEMA)
+    rows = con.execute("SELECT r.checkpoint_sha256 FROM release_pointer p JOIN releases r ON r.version = p.version "
+                       "WHERE p.name = ?", [LIVE]).fetchall()
+    return rows[0][0] if rows else None
+
+
+def released_shas(con) -> set[str]:
+    """Digests of every checkpoint ever released (revoked ones included: their files are evidence)."""
+    con.execute(SCHEMA)
+    return {r[0] for r in con.execute("SELECT checkpoint_sha256 FROM releases").fetchall()}
+
+
+def _previous_live(con, current: str) -> str | None:
+    """The release that was live before ``current`` became live, skipping revoked ones (following the
+    pointer's history further back past each of them)."""
+    revoked = {r[0] for r in con.execute("SELECT version FROM releases WHERE revoked_at IS NOT NULL").fetchall()}
+    seen, version = {current}, current
+    while True:
+        rows = con.execute("SELECT from_version FROM release_events WHERE to_version = ? AND action IN "
+                           "('release', 'rollback', 'revoke') ORDER BY event_at DESC LIMIT 1", [version]).fetchall()
+        before = rows[0][0] if rows else None
+        if before is None or before in seen:
+            return None
+        if before not in revoked:
+            return before
+        seen.add(before)
+        version = before
 
 
 def _move_live(con, to_version: str, action: str, reason: str) -> None:
@@ -96,20 +140,24 @@ def _verified_sha(checkpoint: Path) -> str:
 
 
 def release(db_path: Path, checkpoint: Path, data_version: str, gate_report_id: str, rhythm: str = "weekly",
-            expected_sha256: str | None = None, notes: str = "") -> Release:
+            expected_sha256: str | None = None, notes: str = "", also=None) -> Release:
     """Register ``checkpoint`` as a new release and make it live, atomically. ``expected_sha256`` is
-    the digest the gate evaluated: a checkpoint changed since then is refused."""
+    the digest the gate evaluated: a checkpoint changed since then is refused. ``also(con, version)``
+    runs inside the same transaction (the caller's bookkeeping): if it raises, nothing is released."""
     checkpoint = Path(checkpoint).resolve()
     sha = _verified_sha(checkpoint)
     if expected_sha256 is not None and sha != expected_sha256:
         raise ReleaseError(f"{checkpoint} changed since it was gated (sha256 {sha[:12]} != {expected_sha256[:12]})")
 
     def do(con):
-        seq = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM releases").fetchone()[0]
+        seq = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM releases").fetchall()[0][0]
         version = f"v{seq:04d}"
-        con.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        con.execute("INSERT INTO releases (version, seq, checkpoint_path, checkpoint_sha256, data_version, "
+                    "gate_report_id, rhythm, created_at, notes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [version, seq, str(checkpoint), sha, data_version, gate_report_id, rhythm, utcnow(), notes])
         _move_live(con, version, "release", f"gate report {gate_report_id} passed")
+        if also is not None:
+            also(con, version)
         return version
 
     version = _transaction(db_path, do)
@@ -133,36 +181,70 @@ def rollback(db_path: Path, version: str | None = None, reason: str = "manual ro
         current = _live(con)
         if current is None:
             raise ReleaseError("nothing is live: there is no release to roll back from")
-        if version is None:
-            row = con.execute(
-                "SELECT version FROM releases WHERE seq < (SELECT seq FROM releases WHERE version = ?) ORDER BY seq DESC LIMIT 1",
-                [current]).fetchone()
-            if row is None:
-                raise ReleaseError(f"{current} is the first release: there is no earlier one to roll back to")
-            target = row[0]
-        else:
-            target = version
-        rel = con.execute("SELECT checkpoint_path, checkpoint_sha256 FROM releases WHERE version = ?", [target]).fetchone()
-        if rel is None:
-            raise ReleaseError(f"unknown release {target!r}")
-        if target == current:
-            raise ReleaseError(f"{target} is already live")
-        sha = _verified_sha(Path(rel[0]))
-        if sha != rel[1]:
-            raise ReleaseError(f"{target}'s checkpoint changed since it was released")
-        _move_live(con, target, "rollback", reason)
+        target = version or _previous_live(con, current)
+        if target is None:
+            raise ReleaseError(f"{current} is the first usable release: there is no earlier one to roll back to "
+                               "(revoked releases are skipped)")
+        _switch(con, current, target, "rollback", reason)
         return target
 
     return get(db_path, _transaction(db_path, do))
 
 
+def _switch(con, current: str | None, target: str, action: str, reason: str) -> None:
+    """Point live at ``target`` (an existing, unrevoked release whose files still verify)."""
+    rows = con.execute("SELECT checkpoint_path, checkpoint_sha256, revoked_at FROM releases WHERE version = ?",
+                       [target]).fetchall()
+    if not rows:
+        raise ReleaseError(f"unknown release {target!r}")
+    path, sha, revoked_at = rows[0]
+    if target == current:
+        raise ReleaseError(f"{target} is already live")
+    if revoked_at is not None:
+        raise ReleaseError(f"{target} was revoked and cannot go live again")
+    if _verified_sha(Path(path)) != sha:
+        raise ReleaseError(f"{target}'s checkpoint changed since it was released")
+    _move_live(con, target, action, reason)
+
+
+def revoke(db_path: Path, version: str, reason: str) -> tuple[Release, Release | None]:
+    """Mark ``version`` unusable: rollbacks skip it and it can never go live again. If it is live, live
+    goes back to the release that was live before it, in the same transaction (refused when there is
+    none). Returns (the revoked release, the live release after)."""
+    if not reason.strip():
+        raise ReleaseError("a revocation needs a reason")
+
+    def do(con):
+        rows = con.execute("SELECT revoked_at FROM releases WHERE version = ?", [version]).fetchall()
+        if not rows:
+            raise ReleaseError(f"unknown release {version!r}")
+        if rows[0][0] is not None:
+            raise ReleaseError(f"{version} is already revoked")
+        current = _live(con)
+        con.execute("UPDATE releases SET revoked_at = ?, revoke_reason = ? WHERE version = ?", [utcnow(), reason, version])
+        if current == version:
+            target = _previous_live(con, version)
+            if target is None:
+                raise ReleaseError(f"{version} is live and no earlier usable release exists to switch to: "
+                                   "release a replacement first")
+            _switch(con, current, target, "revoke", f"{version} revoked: {reason}")
+        else:
+            # recorded without moving live (an action the pointer's history walk does not follow)
+            con.execute("INSERT INTO release_events VALUES (?, ?, ?, ?, ?)",
+                        [utcnow(), "revoked", version, None, reason])
+        return _live(con)
+
+    now_live = _transaction(db_path, do)
+    return get(db_path, version), (get(db_path, now_live) if now_live else None)
+
+
 def get(db_path: Path, version: str) -> Release:
     with connect(db_path) as con:
         con.execute(SCHEMA)
-        row = con.execute(f"SELECT {', '.join(Release.__dataclass_fields__)} FROM releases WHERE version = ?", [version]).fetchone()
-    if row is None:
+        rows = con.execute(f"SELECT {', '.join(Release.__dataclass_fields__)} FROM releases WHERE version = ?", [version]).fetchall()
+    if not rows:
         raise ReleaseError(f"unknown release {version!r}")
-    return Release(*row)
+    return Release(*rows[0])
 
 
 def live(db_path: Path) -> Release | None:
