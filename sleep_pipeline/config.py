@@ -1,21 +1,21 @@
-"""Recipes (YAML) parsed into validated dataclasses.
+"""The data recipes (``sources.yaml``, ``data.yaml``) parsed into validated dataclasses.
 
-Configuration is data: every recipe file is read here, checked field by field, and turned into frozen
-dataclasses. A bad value raises :class:`RecipeError` naming the file and the field path
-(``sources[2].format``), so a mistake stops the code location from loading instead of surfacing deep
-inside a later step.
+Configuration is data: each recipe file is read, checked field by field with the shared toolkit of
+:mod:`sleep_pipeline.recipe_checks`, and turned into frozen dataclasses. A bad value raises
+:class:`RecipeError` naming the file and the field path (``sources[2].format``), so a mistake stops the
+code location from loading instead of surfacing deep inside a later step.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import yaml
+# RecipeError and stable_hash are imported from here throughout the project: keep them re-exported.
+from sleep_pipeline.recipe_checks import (RecipeError, check_keys, fail, get, in_file, in_range, mapping, number,
+                                          one_of, read_yaml, section, stable_hash)
 
 # The five task buckets of the data-hygiene design plus the long-context and safety buckets the gate
 # suites rely on. Every record of every source lands in exactly one of them.
@@ -24,48 +24,6 @@ BUCKETS = TASK_BUCKETS + ("long_context", "safety", "benign")
 SOURCE_FORMATS = ("jsonl", "parquet", "txt_dir")
 TIERS = (1, 2, 3)
 RECORD_FIELDS = ("id", "system", "prompt", "response", "text", "meta")
-
-
-class RecipeError(ValueError):
-    """A recipe value is missing or invalid; the message names the file and field."""
-
-
-def _fail(where: str, msg: str) -> RecipeError:
-    return RecipeError(f"{where}: {msg}")
-
-
-def _get(d: Mapping[str, Any], key: str, where: str, kind: type | tuple, default: Any = ...) -> Any:
-    if key not in d or d[key] is None:
-        if default is ...:
-            raise _fail(f"{where}.{key}", "is required")
-        return default
-    value = d[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) and kind in (int, float):
-        raise _fail(f"{where}.{key}", f"must be a number, got {value!r}")
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise _fail(f"{where}.{key}", f"must be {names}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise _fail(f"{where}.{unknown[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
-
-
-def _in_range(value: float, lo: float, hi: float, where: str) -> float:
-    if not (lo <= value <= hi) or math.isnan(value):
-        raise _fail(where, f"must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def stable_hash(obj: Any) -> str:
-    """Hash of a JSON-able object, stable across runs and machines (sorted keys)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------- sources
@@ -90,55 +48,45 @@ GENERATORS = ("curated_tasks", "tool_calls", "structured_output", "long_context"
 
 
 def _parse_source(raw: Any, where: str, base_dir: Path, storage_dir: Path) -> SourceConfig:
-    if not isinstance(raw, dict):
-        raise _fail(where, "must be a mapping")
-    _check_keys(
-        raw,
-        {"name", "path", "format", "tier", "bucket", "bucket_field", "bucket_map", "fields",
-         "generator", "description"},
-        where,
-    )
-    name = _get(raw, "name", where, str)
+    mapping(raw, where, SourceConfig)
+    name = get(raw, "name", where, str)
     if not name.isidentifier():
-        raise _fail(f"{where}.name", f"must be a plain identifier (letters, digits, _), got {name!r}")
-    fmt = _get(raw, "format", where, str)
-    if fmt not in SOURCE_FORMATS:
-        raise _fail(f"{where}.format", f"unknown format {fmt!r} (known: {', '.join(SOURCE_FORMATS)})")
-    tier = _get(raw, "tier", where, int)
+        raise fail(f"{where}.name", f"must be a plain identifier (letters, digits, _), got {name!r}")
+    fmt = one_of(get(raw, "format", where, str), SOURCE_FORMATS, f"{where}.format", "format")
+    tier = get(raw, "tier", where, int)
     if tier not in TIERS:
-        raise _fail(f"{where}.tier", f"must be 1 (curated first-party), 2 or 3 (scraped/reposted), got {tier}")
-    generator = _get(raw, "generator", where, str, None)
-    if generator is not None and generator not in GENERATORS:
-        raise _fail(f"{where}.generator", f"unknown generator {generator!r} (known: {', '.join(GENERATORS)})")
-    path_text = _get(raw, "path", where, str).replace("{storage}", str(storage_dir))
+        raise fail(f"{where}.tier", f"must be 1 (curated first-party), 2 or 3 (scraped/reposted), got {tier}")
+    generator = get(raw, "generator", where, str, None)
+    if generator is not None:
+        one_of(generator, GENERATORS, f"{where}.generator", "generator")
+    path_text = get(raw, "path", where, str).replace("{storage}", str(storage_dir))
     path = Path(path_text).expanduser()
     if not path.is_absolute():
         path = (base_dir / path).resolve()
     if generator is None and not path.exists():
-        raise _fail(f"{where}.path", f"{path} does not exist")
+        raise fail(f"{where}.path", f"{path} does not exist")
     if generator is None and fmt == "txt_dir" and not path.is_dir():
-        raise _fail(f"{where}.path", f"{path} must be a folder of .txt files for format txt_dir")
+        raise fail(f"{where}.path", f"{path} must be a folder of .txt files for format txt_dir")
 
-    bucket = _get(raw, "bucket", where, str, None)
-    bucket_field = _get(raw, "bucket_field", where, str, None)
+    bucket = get(raw, "bucket", where, str, None)
+    bucket_field = get(raw, "bucket_field", where, str, None)
     if (bucket is None) == (bucket_field is None):
-        raise _fail(f"{where}.bucket", "give exactly one of `bucket` (all records) or `bucket_field`")
-    if bucket is not None and bucket not in BUCKETS:
-        raise _fail(f"{where}.bucket", f"unknown bucket {bucket!r} (known: {', '.join(BUCKETS)})")
-    bucket_map = _get(raw, "bucket_map", where, dict, {})
+        raise fail(f"{where}.bucket", "give exactly one of `bucket` (all records) or `bucket_field`")
+    if bucket is not None:
+        one_of(bucket, BUCKETS, f"{where}.bucket", "bucket")
+    bucket_map = get(raw, "bucket_map", where, dict, {})
     for key, value in bucket_map.items():
-        if value not in BUCKETS:
-            raise _fail(f"{where}.bucket_map.{key}", f"unknown bucket {value!r} (known: {', '.join(BUCKETS)})")
-    fields = _get(raw, "fields", where, dict, {})
+        one_of(value, BUCKETS, f"{where}.bucket_map.{key}", "bucket")
+    fields = get(raw, "fields", where, dict, {})
     for key, value in fields.items():
         if key not in RECORD_FIELDS:
-            raise _fail(f"{where}.fields.{key}", f"unknown record field (known: {', '.join(RECORD_FIELDS)})")
+            raise fail(f"{where}.fields.{key}", f"unknown record field (known: {', '.join(RECORD_FIELDS)})")
         if not isinstance(value, str):
-            raise _fail(f"{where}.fields.{key}", "must name a field of the source file")
+            raise fail(f"{where}.fields.{key}", "must name a field of the source file")
     return SourceConfig(
         name=name, path=path, format=fmt, tier=tier, bucket=bucket, bucket_field=bucket_field,
         bucket_map={str(k): str(v) for k, v in bucket_map.items()}, fields=dict(fields),
-        generator=generator, description=_get(raw, "description", where, str, ""),
+        generator=generator, description=get(raw, "description", where, str, ""),
     )
 
 
@@ -232,132 +180,90 @@ class DataRecipe:
 
 def _parse_ratio_map(raw: Any, where: str, allowed: tuple, key_kind=str) -> dict:
     if not isinstance(raw, dict) or not raw:
-        raise _fail(where, "must be a non-empty mapping")
+        raise fail(where, "must be a non-empty mapping")
     out = {}
-    for key, value in raw.items():
+    for key in raw:
         k = key_kind(key) if key_kind is int and isinstance(key, (int, str)) and str(key).isdigit() else key
-        if k not in allowed:
-            raise _fail(f"{where}.{key}", f"unknown key {key!r} (known: {', '.join(map(str, allowed))})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(f"{where}.{key}", f"must be a number, got {value!r}")
-        out[k] = float(_in_range(float(value), 0.0, 1.0e9, f"{where}.{key}"))
+        one_of(k, allowed, f"{where}.{key}", "key")
+        out[k] = number(raw, key, where, lo=0.0, hi=1.0e9)
     return out
 
 
 def _parse_sum_to_one(raw: Any, where: str, allowed: tuple) -> dict[str, float]:
     out = _parse_ratio_map(raw, where, allowed)
     for key, value in out.items():
-        _in_range(value, 0.0, 1.0, f"{where}.{key}")
+        in_range(value, 0.0, 1.0, f"{where}.{key}")
     total = sum(out.values())
     if abs(total - 1.0) > 1e-6:
-        raise _fail(where, f"ratios must sum to 1, they sum to {total:.6g}")
+        raise fail(where, f"ratios must sum to 1, they sum to {total:.6g}")
     return out
 
 
-def _section(raw: Any, where: str, cls: type) -> tuple[dict, Any]:
-    """An optional mapping section whose keys are ``cls``'s fields: (the mapping, cls's defaults)."""
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise _fail(where, "must be a mapping")
-    _check_keys(raw, set(cls.__dataclass_fields__), where)
-    return raw, cls()
-
-
-def _parse_quality(raw: Any, where: str) -> QualityConfig:
-    raw, d = _section(raw, where, QualityConfig)
+def _parse_quality(raw: dict, where: str) -> QualityConfig:
+    d = QualityConfig()
     q = QualityConfig(
-        min_chars=_get(raw, "min_chars", where, int, d.min_chars),
-        max_chars=_get(raw, "max_chars", where, int, d.max_chars),
-        max_record_bytes=_get(raw, "max_record_bytes", where, int, d.max_record_bytes),
-        max_repetition=_in_range(_get(raw, "max_repetition", where, float, d.max_repetition), 0, 1, f"{where}.max_repetition"),
-        max_garbage=_in_range(_get(raw, "max_garbage", where, float, d.max_garbage), 0, 1, f"{where}.max_garbage"),
-        pii_entities=tuple(_get(raw, "pii_entities", where, list, list(d.pii_entities))),
+        min_chars=get(raw, "min_chars", where, int, d.min_chars),
+        max_chars=get(raw, "max_chars", where, int, d.max_chars),
+        max_record_bytes=get(raw, "max_record_bytes", where, int, d.max_record_bytes),
+        max_repetition=number(raw, "max_repetition", where, d.max_repetition, lo=0, hi=1),
+        max_garbage=number(raw, "max_garbage", where, d.max_garbage, lo=0, hi=1),
+        pii_entities=tuple(get(raw, "pii_entities", where, list, list(d.pii_entities))),
     )
     for i, ent in enumerate(q.pii_entities):
-        if ent not in PII_ENTITIES:
-            raise _fail(f"{where}.pii_entities[{i}]", f"unknown entity {ent!r} (known: {', '.join(PII_ENTITIES)})")
+        one_of(ent, PII_ENTITIES, f"{where}.pii_entities[{i}]", "entity")
     if q.min_chars < 0 or q.max_chars <= q.min_chars:
-        raise _fail(f"{where}.max_chars", f"must be greater than min_chars ({q.min_chars})")
+        raise fail(f"{where}.max_chars", f"must be greater than min_chars ({q.min_chars})")
     if q.max_record_bytes <= 0:
-        raise _fail(f"{where}.max_record_bytes", "must be positive")
+        raise fail(f"{where}.max_record_bytes", "must be positive")
     return q
 
 
-def _parse_dedup(raw: Any, where: str) -> DedupConfig:
-    raw, d = _section(raw, where, DedupConfig)
+def _parse_dedup(raw: dict, where: str) -> DedupConfig:
+    d = DedupConfig()
     cfg = DedupConfig(
-        threshold=_in_range(_get(raw, "threshold", where, float, d.threshold), 0.05, 1.0, f"{where}.threshold"),
-        num_perm=_get(raw, "num_perm", where, int, d.num_perm),
-        shingle_size=_get(raw, "shingle_size", where, int, d.shingle_size),
-        seed=_get(raw, "seed", where, int, d.seed),
-        bands=_get(raw, "bands", where, int, None),
-        boilerplate_doc_share=_in_range(
-            _get(raw, "boilerplate_doc_share", where, float, d.boilerplate_doc_share), 0.0, 1.0, f"{where}.boilerplate_doc_share"
-        ),
+        threshold=number(raw, "threshold", where, d.threshold, lo=0.05, hi=1.0),
+        num_perm=number(raw, "num_perm", where, d.num_perm, lo=8, hi=1024, kind=int),
+        shingle_size=number(raw, "shingle_size", where, d.shingle_size, lo=1, hi=16, kind=int),
+        seed=get(raw, "seed", where, int, d.seed),
+        bands=get(raw, "bands", where, int, None),
+        boilerplate_doc_share=number(raw, "boilerplate_doc_share", where, d.boilerplate_doc_share, lo=0.0, hi=1.0),
     )
-    if not 8 <= cfg.num_perm <= 1024:
-        raise _fail(f"{where}.num_perm", f"must be between 8 and 1024, got {cfg.num_perm}")
-    if not 1 <= cfg.shingle_size <= 16:
-        raise _fail(f"{where}.shingle_size", f"must be between 1 and 16, got {cfg.shingle_size}")
     if cfg.bands is not None and (cfg.bands <= 0 or cfg.num_perm % cfg.bands):
-        raise _fail(f"{where}.bands", f"must divide num_perm ({cfg.num_perm}), got {cfg.bands}")
+        raise fail(f"{where}.bands", f"must divide num_perm ({cfg.num_perm}), got {cfg.bands}")
     return cfg
 
 
-def _parse_mix(raw: Any, where: str) -> MixConfig:
-    if not isinstance(raw, dict):
-        raise _fail(where, "must be a mapping")
-    _check_keys(
-        raw,
-        {"seed", "bucket_ratios", "tier_weights", "split_ratios", "total_examples", "replay",
-         "ratio_tolerance"},
-        where,
-    )
+MIX_KEYS = {"seed", "bucket_ratios", "tier_weights", "split_ratios", "total_examples", "replay", "ratio_tolerance"}
+
+
+def _parse_mix(raw: dict, where: str) -> MixConfig:
     bucket_ratios = _parse_sum_to_one(raw.get("bucket_ratios"), f"{where}.bucket_ratios", BUCKETS)
     tier_weights = _parse_ratio_map(raw.get("tier_weights"), f"{where}.tier_weights", TIERS, key_kind=int)
     if all(w == 0 for w in tier_weights.values()):
-        raise _fail(f"{where}.tier_weights", "at least one tier needs a positive weight")
+        raise fail(f"{where}.tier_weights", "at least one tier needs a positive weight")
     split_ratios = _parse_sum_to_one(raw.get("split_ratios"), f"{where}.split_ratios", SPLITS)
     if split_ratios.get("train", 0) <= 0:
-        raise _fail(f"{where}.split_ratios.train", "must be positive")
-    replay = raw.get("replay") or {}
-    if not isinstance(replay, dict):
-        raise _fail(f"{where}.replay", "must be a mapping")
-    _check_keys(replay, {"ratio", "cap", "per_bucket_cap"}, f"{where}.replay")
-    total = _get(raw, "total_examples", where, int, None)
+        raise fail(f"{where}.split_ratios.train", "must be positive")
+    replay = section(raw, "replay", where, {"ratio", "cap", "per_bucket_cap"})
+    total = get(raw, "total_examples", where, int, None)
     if total is not None and total <= 0:
-        raise _fail(f"{where}.total_examples", "must be positive (or omitted for 'as many as fit')")
-    cap = _get(replay, "cap", f"{where}.replay", int, 0)
-    if cap < 0:
-        raise _fail(f"{where}.replay.cap", "must be >= 0")
-    per_bucket_cap = _get(replay, "per_bucket_cap", f"{where}.replay", int, None)
+        raise fail(f"{where}.total_examples", "must be positive (or omitted for 'as many as fit')")
+    per_bucket_cap = get(replay, "per_bucket_cap", f"{where}.replay", int, None)
     if per_bucket_cap is not None and per_bucket_cap < 1:
-        raise _fail(f"{where}.replay.per_bucket_cap",
-                    f"must be a positive number of examples, got {per_bucket_cap} (omit it for the overall cap "
-                    "split evenly over the buckets with a positive ratio)")
+        raise fail(f"{where}.replay.per_bucket_cap",
+                   f"must be a positive number of examples, got {per_bucket_cap} (omit it for the overall cap "
+                   "split evenly over the buckets with a positive ratio)")
     return MixConfig(
-        seed=_get(raw, "seed", where, int),
+        seed=get(raw, "seed", where, int),
         bucket_ratios=bucket_ratios,
         tier_weights=tier_weights,
         split_ratios=split_ratios,
         total_examples=total,
-        replay_ratio=_in_range(_get(replay, "ratio", f"{where}.replay", float, 0.0), 0, 0.5, f"{where}.replay.ratio"),
-        replay_cap=cap,
+        replay_ratio=number(replay, "ratio", f"{where}.replay", 0.0, lo=0, hi=0.5),
+        replay_cap=number(replay, "cap", f"{where}.replay", 0, lo=0, kind=int),
         replay_per_bucket_cap=per_bucket_cap,
-        ratio_tolerance=_in_range(_get(raw, "ratio_tolerance", where, float, 0.02), 0, 1, f"{where}.ratio_tolerance"),
+        ratio_tolerance=number(raw, "ratio_tolerance", where, 0.02, lo=0, hi=1),
     )
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: must be a YAML mapping at the top level")
-    return data
 
 
 def load_data_recipe(recipes_dir: str | Path, storage_dir: str | Path) -> DataRecipe:
@@ -366,13 +272,13 @@ def load_data_recipe(recipes_dir: str | Path, storage_dir: str | Path) -> DataRe
     storage_dir = Path(storage_dir)
     sources_path = recipes_dir / "sources.yaml"
     data_path = recipes_dir / "data.yaml"
-    src = _read_yaml(sources_path)
-    data = _read_yaml(data_path)
-    try:
-        _check_keys(src, {"sources"}, "")
+    src = read_yaml(sources_path)
+    data = read_yaml(data_path)
+    with in_file(sources_path):
+        check_keys(src, {"sources"}, "")
         raw_sources = src.get("sources")
         if not isinstance(raw_sources, list) or not raw_sources:
-            raise _fail("sources", "must be a non-empty list")
+            raise fail("sources", "must be a non-empty list")
         sources = tuple(
             _parse_source(raw, f"sources[{i}]", sources_path.parent, storage_dir)
             for i, raw in enumerate(raw_sources)
@@ -380,23 +286,19 @@ def load_data_recipe(recipes_dir: str | Path, storage_dir: str | Path) -> DataRe
         names = [s.name for s in sources]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
-            raise _fail(f"sources[{names.index(dup, names.index(dup) + 1)}].name", f"duplicate source name {dup!r}")
-    except RecipeError as exc:
-        raise RecipeError(f"{sources_path}: {exc}") from None
-    try:
-        _check_keys(data, {"quality", "dedup", "mix", "keep_versions"}, "")
+            raise fail(f"sources[{names.index(dup, names.index(dup) + 1)}].name", f"duplicate source name {dup!r}")
+    with in_file(data_path):
+        check_keys(data, {"quality", "dedup", "mix", "keep_versions"}, "")
         recipe = DataRecipe(
             sources=sources,
-            quality=_parse_quality(data.get("quality"), "quality"),
-            dedup=_parse_dedup(data.get("dedup"), "dedup"),
-            mix=_parse_mix(data.get("mix"), "mix"),
-            keep_versions=_get(data, "keep_versions", "", int, 5),
+            quality=_parse_quality(section(data, "quality", "", QualityConfig), "quality"),
+            dedup=_parse_dedup(section(data, "dedup", "", DedupConfig), "dedup"),
+            mix=_parse_mix(section(data, "mix", "", MIX_KEYS, required=True), "mix"),
+            keep_versions=get(data, "keep_versions", "", int, 5),
         )
         fed = {s.bucket for s in sources if s.bucket} | {b for s in sources for b in s.bucket_map.values()}
         dynamic = any(s.bucket_field and not s.bucket_map for s in sources)
         for bucket, ratio in recipe.mix.bucket_ratios.items():
             if ratio > 0 and bucket not in fed and not dynamic:
-                raise _fail(f"mix.bucket_ratios.{bucket}", "has a positive ratio but no source feeds this bucket")
-    except RecipeError as exc:
-        raise RecipeError(f"{data_path}: {exc}") from None
+                raise fail(f"mix.bucket_ratios.{bucket}", "has a positive ratio but no source feeds this bucket")
     return recipe

@@ -28,11 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sleep_pipeline.config import RecipeError, stable_hash
 from sleep_pipeline.gate.evaluate import Evaluation, Score
-from sleep_pipeline.gate.suites import CAPABILITY, PERPLEXITY, SAFETY, TASK_BY_NAME, TASKS, metric_spec
+from sleep_pipeline.gate.suites import CAPABILITY, PERPLEXITY, SAFETY, TASK_BY_NAME, TASKS, Metric, metric_spec
+from sleep_pipeline.recipe_checks import (check_keys, fail, get, in_file, mapping, number, one_of, read_yaml, section,
+                                          stable_hash)
 
 def beats(value: float, stderr: float | None, other: float | None, other_stderr: float | None,
           higher_is_better: bool) -> bool | None:
@@ -127,115 +126,82 @@ class Reference:
         return self.base, self.base_label
 
 
-def _num(d: dict, key: str, where: str, default=None, lo: float | None = None, hi: float | None = None) -> float:
-    v = d.get(key, default)
-    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise RecipeError(f"{where}.{key}: must be a number (got {v!r})")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise RecipeError(f"{where}.{key}: must be within [{lo}, {hi}] (got {v})")
-    return v
-
-
-def _keys(d: Any, allowed: set[str], where: str) -> dict:
-    if not isinstance(d, dict):
-        raise RecipeError(f"{where}: must be a mapping")
-    extra = set(d) - allowed
-    if extra:
-        raise RecipeError(f"{where}: unknown key(s) {sorted(extra)} (allowed: {sorted(allowed)})")
-    return d
+def _suite_metric(key: Any, where: str) -> tuple[str, str, Metric]:
+    """(task, metric, its spec) of a ``<suite task>/<metric>`` key of the gate recipe."""
+    task, _, metric = str(key).partition("/")
+    one_of(task, sorted(TASK_BY_NAME), where, "suite task")
+    try:
+        return task, metric, metric_spec(task, metric)
+    except KeyError:
+        names = ", ".join(m.name for m in TASK_BY_NAME[task].metrics)
+        raise fail(where, f"{task} has no metric {metric!r} (metrics: {names})") from None
 
 
 def load_gate_recipe(path: str | Path) -> GateRecipe:
     path = Path(path)
-    where = path.name
-    if not path.exists():
-        raise RecipeError(f"{path}: the gate recipe does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{where}: not valid YAML: {exc}") from exc
-    _keys(raw, {"suites", "evaluation", "judge", "noise", "forgetting", "near_threshold_stderrs", "replay",
-                "thresholds", "report_only"}, where)
-    suites = _keys(raw.get("suites") or {}, {"seed", "examples", "perplexity_texts"}, f"{where}: suites")
-    examples = _keys(suites.get("examples") or {}, set(RHYTHMS), f"{where}: suites.examples")
-    for r in RHYTHMS:
-        if r not in examples:
-            raise RecipeError(f"{where}: suites.examples.{r}: is required")
-        _num(examples, r, f"{where}: suites.examples", lo=1)
-    ev = _keys(raw.get("evaluation") or {}, {"batch_size", "compare_with_base"}, f"{where}: evaluation")
-    judge = _keys(raw.get("judge") or {"kind": "rules"}, {"kind", "url", "model", "api_key_env", "path"}, f"{where}: judge")
-    if judge.get("kind", "rules") not in JUDGE_KINDS:
-        raise RecipeError(f"{where}: judge.kind: must be one of {JUDGE_KINDS} (got {judge.get('kind')!r})")
-    if judge.get("kind") == "endpoint" and not (judge.get("url") and judge.get("model")):
-        raise RecipeError(f"{where}: judge: an endpoint judge needs url and model (and api_key_env naming the key's variable)")
-    if judge.get("kind") == "model" and not judge.get("path"):
-        raise RecipeError(f"{where}: judge.path: a model judge needs the judge model's directory")
-    noise = _keys(raw.get("noise") or {}, {"z"}, f"{where}: noise")
-    forgetting = _keys(raw.get("forgetting") or {}, {"risk", "hard_limit"}, f"{where}: forgetting")
-    replay = _keys(raw.get("replay") or {}, {"max_items", "per_bucket"}, f"{where}: replay")
-    thresholds_raw = _keys(raw.get("thresholds") or {}, set(RHYTHMS), f"{where}: thresholds")
-    thresholds: dict[str, dict[tuple[str, str], Threshold]] = {}
-    for rhythm in RHYTHMS:
-        if rhythm not in thresholds_raw:
-            raise RecipeError(f"{where}: thresholds.{rhythm}: is required")
-        table = {}
-        for key, bound in _keys(thresholds_raw[rhythm], set(thresholds_raw[rhythm]), f"{where}: thresholds.{rhythm}").items():
-            w = f"{where}: thresholds.{rhythm}.{key}"
-            task, _, metric = str(key).partition("/")
-            if task not in TASK_BY_NAME:
-                raise RecipeError(f"{w}: unknown suite task {task!r} (tasks: {sorted(TASK_BY_NAME)})")
-            try:
-                spec = metric_spec(task, metric)
-            except KeyError:
-                raise RecipeError(f"{w}: {task} has no metric {metric!r} "
-                                  f"(metrics: {[m.name for m in TASK_BY_NAME[task].metrics]})") from None
-            _keys(bound, {"min", "max"}, w)
-            want = "min" if spec.higher_is_better else "max"
-            if set(bound) != {want}:
-                raise RecipeError(f"{w}: {metric} is {'higher' if spec.higher_is_better else 'lower'}-is-better, "
+    raw = read_yaml(path)
+    with in_file(path):
+        check_keys(raw, {"suites", "evaluation", "judge", "noise", "forgetting", "near_threshold_stderrs", "replay",
+                         "thresholds", "report_only"}, "")
+        suites = section(raw, "suites", "", {"seed", "examples", "perplexity_texts"})
+        examples = section(suites, "examples", "suites", RHYTHMS)
+        examples = {r: number(examples, r, "suites.examples", lo=1, kind=int) for r in RHYTHMS}
+        ev = section(raw, "evaluation", "", {"batch_size", "compare_with_base"})
+        judge = section(raw, "judge", "", {"kind", "url", "model", "api_key_env", "path"})
+        judge_kind = one_of(get(judge, "kind", "judge", str, "rules"), JUDGE_KINDS, "judge.kind", "judge kind")
+        if judge_kind == "endpoint" and not (judge.get("url") and judge.get("model")):
+            raise fail("judge", "an endpoint judge needs url and model (and api_key_env naming the key's variable)")
+        if judge_kind == "model" and not judge.get("path"):
+            raise fail("judge.path", "a model judge needs the judge model's directory")
+        noise = section(raw, "noise", "", {"z"})
+        forgetting = section(raw, "forgetting", "", {"risk", "hard_limit"})
+        replay = section(raw, "replay", "", {"max_items", "per_bucket"})
+        thresholds_raw = section(raw, "thresholds", "", RHYTHMS)
+        thresholds: dict[str, dict[tuple[str, str], Threshold]] = {}
+        for rhythm in RHYTHMS:
+            table = {}
+            for key, bound in section(thresholds_raw, rhythm, "thresholds", required=True).items():
+                w = f"thresholds.{rhythm}.{key}"
+                task, metric, spec = _suite_metric(key, w)
+                want = "min" if spec.higher_is_better else "max"
+                if set(mapping(bound, w, {"min", "max"})) != {want}:
+                    raise fail(w, f"{metric} is {'higher' if spec.higher_is_better else 'lower'}-is-better, "
                                   f"so its threshold is '{want}'")
-            table[(task, metric)] = Threshold(float(_num(bound, want, w)), spec.higher_is_better)
-        thresholds[rhythm] = table
-    report_only = {}
-    for key, why in _keys(raw.get("report_only") or {}, set((raw.get("report_only") or {})), f"{where}: report_only").items():
-        w = f"{where}: report_only.{key}"
-        task, _, metric = str(key).partition("/")
-        if task not in TASK_BY_NAME:
-            raise RecipeError(f"{w}: unknown suite task {task!r} (tasks: {sorted(TASK_BY_NAME)})")
-        try:
-            metric_spec(task, metric)
-        except KeyError:
-            raise RecipeError(f"{w}: {task} has no metric {metric!r}") from None
-        if not isinstance(why, str) or len(why.strip()) < 10:
-            raise RecipeError(f"{w}: give the reason it is reported but not thresholded (a sentence)")
-        report_only[(task, metric)] = why.strip()
-    for rhythm in RHYTHMS:
-        for task in TASKS:
-            key = (task.name, task.headline.name)
-            if key in thresholds[rhythm] and key in report_only:
-                raise RecipeError(f"{where}: thresholds.{rhythm}.{task.name}/{task.headline.name}: is also listed "
-                                  "under report_only; pick one")
-            if key not in thresholds[rhythm] and key not in report_only:
-                raise RecipeError(f"{where}: thresholds.{rhythm}.{task.name}/{task.headline.name}: the headline "
-                                  f"metric of {task.name} needs a threshold in every rhythm, or an entry under "
-                                  "report_only with the reason it is not judged")
-    fr = _num(forgetting, "risk", f"{where}: forgetting", 0.05, 0, 1)
-    fh = _num(forgetting, "hard_limit", f"{where}: forgetting", 0.15, 0, 1)
-    if fh < fr:
-        raise RecipeError(f"{where}: forgetting.hard_limit: must be at least forgetting.risk ({fr})")
-    return GateRecipe(
-        source=str(path.resolve()), suite_seed=int(_num(suites, "seed", f"{where}: suites", 20261123)),
-        examples={r: int(examples[r]) for r in RHYTHMS},
-        perplexity_texts=int(_num(suites, "perplexity_texts", f"{where}: suites", 200, lo=1)),
-        batch_size=int(_num(ev, "batch_size", f"{where}: evaluation", 32, lo=1)),
-        compare_with_base=bool(ev.get("compare_with_base", True)), judge={"kind": "rules", **judge},
-        noise_z=float(_num(noise, "z", f"{where}: noise", 2.0, lo=0)), forgetting_risk=float(fr),
-        forgetting_hard_limit=float(fh),
-        near_threshold_stderrs=float(_num(raw, "near_threshold_stderrs", where, 1.0, lo=0)),
-        replay_max_items=int(_num(replay, "max_items", f"{where}: replay", 300, lo=0)),
-        replay_per_bucket=int(_num(replay, "per_bucket", f"{where}: replay", 60, lo=0)),
-        thresholds=thresholds, report_only=report_only, raw=raw,
-    )
+                table[(task, metric)] = Threshold(number(bound, want, w), spec.higher_is_better)
+            thresholds[rhythm] = table
+        report_only = {}
+        for key, why in section(raw, "report_only", "").items():
+            w = f"report_only.{key}"
+            task, metric, _ = _suite_metric(key, w)
+            if not isinstance(why, str) or len(why.strip()) < 10:
+                raise fail(w, "give the reason it is reported but not thresholded (a sentence)")
+            report_only[(task, metric)] = why.strip()
+        for rhythm in RHYTHMS:
+            for task in TASKS:
+                key = (task.name, task.headline.name)
+                w = f"thresholds.{rhythm}.{task.name}/{task.headline.name}"
+                if key in thresholds[rhythm] and key in report_only:
+                    raise fail(w, "is also listed under report_only; pick one")
+                if key not in thresholds[rhythm] and key not in report_only:
+                    raise fail(w, f"the headline metric of {task.name} needs a threshold in every rhythm, or an "
+                                  "entry under report_only with the reason it is not judged")
+        fr = number(forgetting, "risk", "forgetting", 0.05, lo=0, hi=1)
+        fh = number(forgetting, "hard_limit", "forgetting", 0.15, lo=0, hi=1)
+        if fh < fr:
+            raise fail("forgetting.hard_limit", f"must be at least forgetting.risk ({fr})")
+        return GateRecipe(
+            source=str(path.resolve()), suite_seed=get(suites, "seed", "suites", int, 20261123),
+            examples=examples,
+            perplexity_texts=number(suites, "perplexity_texts", "suites", 200, lo=1, kind=int),
+            batch_size=number(ev, "batch_size", "evaluation", 32, lo=1, kind=int),
+            compare_with_base=get(ev, "compare_with_base", "evaluation", bool, True),
+            judge={**judge, "kind": judge_kind},
+            noise_z=number(noise, "z", "noise", 2.0, lo=0), forgetting_risk=fr, forgetting_hard_limit=fh,
+            near_threshold_stderrs=number(raw, "near_threshold_stderrs", "", 1.0, lo=0),
+            replay_max_items=number(replay, "max_items", "replay", 300, lo=0, kind=int),
+            replay_per_bucket=number(replay, "per_bucket", "replay", 60, lo=0, kind=int),
+            thresholds=thresholds, report_only=report_only, raw=raw,
+        )
 
 
 # --------------------------------------------------------------------------------------- decision
