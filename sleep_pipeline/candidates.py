@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sleep_pipeline.checkpoint import (
-    CheckpointError, abandoned_staging, list_checkpoints, remove_checkpoint, verify_checkpoint,
+    CheckpointError, abandoned_staging, list_checkpoints, pid_alive, remove_checkpoint, verify_checkpoint,
 )
 from sleep_pipeline.store import connect, query_dicts, utcnow
 
@@ -205,15 +205,8 @@ def list_candidates(db_path: Path) -> list[Candidate]:
 
 # ------------------------------------------------------------------------------------------ leases
 def _alive(host: str, pid: int) -> bool:
-    if host != socket.gethostname():
-        return True  # another machine's process: cannot tell, so it holds
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # another machine's process: cannot tell, so it holds
+    return host != socket.gethostname() or pid_alive(pid)
 
 
 @contextlib.contextmanager

@@ -138,7 +138,8 @@ def staging_dir(root: Path, name: str) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this machine) still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -158,7 +159,7 @@ def abandoned_staging(root: Path, now: float | None = None) -> list[Path]:
         parts = p.name.rsplit("-", 3)
         try:
             mine = len(parts) == 4 and parts[1] == host
-            if mine and not _pid_alive(int(parts[2])):
+            if mine and not pid_alive(int(parts[2])):
                 out.append(p)
             elif not mine and now - p.stat().st_mtime > STALE_STAGING_S:
                 out.append(p)

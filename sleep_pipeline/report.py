@@ -32,14 +32,18 @@ def main() -> int:
         m = json.loads(version[0])
         print(f"  data version {m['version_id']} (parent {m['parent_version']}): {m['total']:,} examples {m['counts']['per_split']}")
         print(f"  train file: {m['files']['train']}")
-    from sleep_pipeline.checkpoint import latest_checkpoint, read_manifest
+    from sleep_pipeline import candidates
+    from sleep_pipeline.checkpoint import read_manifest
+    from sleep_pipeline.gate.run import latest_report
 
-    ckpt = latest_checkpoint(root / "checkpoints" / "learn")
-    if ckpt:
-        m = read_manifest(ckpt)
-        print(f"  learn checkpoint {ckpt}: {m['steps']} steps, {m['tokens']:,} tokens on {m['world_size']} ranks "
-              f"({m['engine']}, ZeRO-{m['zero_stage']}) in {m['wall_time_s']:.0f}s; "
-              f"validation loss {m['initial_validation_loss']} -> {m['validation_loss']}")
+    report = latest_report(db)
+    known = candidates.list_candidates(db)
+    cand = next((c for c in known if report and c.candidate_id == report.candidate_id), known[-1] if known else None)
+    if cand and Path(cand.path).is_dir():
+        m = read_manifest(Path(cand.path))
+        print(f"  candidate {cand.short} ({cand.phase}, {cand.status}) {cand.path}: {m.get('steps')} steps, "
+              f"{m.get('tokens', 0):,} tokens on {m.get('world_size')} ranks ({m.get('engine')}, ZeRO-{m.get('zero_stage')}) "
+              f"in {m.get('wall_time_s', 0):.0f}s; validation loss {m.get('initial_validation_loss')} -> {m.get('validation_loss')}")
     _print_gate(db)
     print(f"  database: {db}")
     print("  browse lineage and metadata: DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   (http://127.0.0.1:3000)")
@@ -48,7 +52,7 @@ def main() -> int:
 
 def _print_gate(db: Path) -> None:
     from sleep_pipeline.gate.run import latest_report
-    from sleep_pipeline.release.registry import live
+    from sleep_pipeline.release.registry import get, live
 
     report = latest_report(db)
     if report is None:
@@ -60,10 +64,15 @@ def _print_gate(db: Path) -> None:
         print(f"    - {line}")
     gains = [r for r in v["rows"] if r.get("beats_base") is not None]
     if gains:
-        print(f"  vs the untrained starting model: better beyond noise on {sum(r['beats_base'] for r in gains)}/{len(gains)} metrics")
+        print(f"  vs the starting model: better beyond noise on {sum(r['beats_base'] for r in gains)}/{len(gains)} metrics")
     rel = live(db)
     if report.released_version:
-        print(f"  RELEASED {report.released_version}: {report.candidate_path}")
+        made = get(db, report.released_version)
+        if made.gate_report_id == report.report_id:
+            print(f"  RELEASED {report.released_version}: {report.candidate_path}")
+        else:
+            print(f"  unchanged: the candidate has the same weights as release {report.released_version}, nothing new "
+                  f"released; live release: {rel.version if rel else 'none'}")
     else:
         print(f"  not released; live release: {rel.version if rel else 'none'}")
     print(f"  model card: {report.card_path}")
