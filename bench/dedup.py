@@ -12,10 +12,10 @@ times three sides, each in a fresh process so peak memory is its own, interleave
 Accuracy is measured on a sample of originals plus all their copies: the true near-duplicate pairs
 are those whose exact Jaccard similarity of word shingles is at least the threshold.
 
-    python bench/dedup.py [--docs 100000] [--repeats 2] [--sample 3000]
+    python bench/dedup.py [--docs 100000] [--repeats 2] [--sample 3000] [--smoke]
 
 Prints one JSON object. ``pass`` is true when ours is at least 5x the naive throughput (median of
-the repeats) at recall >= 0.95.
+the repeats) at recall >= 0.95. ``--smoke`` (what the test suite runs): 2,000 documents, one repeat.
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import json_stdout, parse_args  # noqa: E402
 from sleep_pipeline.config import DedupConfig  # noqa: E402
 from sleep_pipeline.data.dedup import dedup, normalize_texts, shingle  # noqa: E402
 from sleep_pipeline.data.perturb import PERTURBATIONS, perturb  # noqa: E402
 
 SPEEDUP_TARGET = 5.0
 RECALL_TARGET = 0.95
+SMOKE = {"docs": 2000, "repeats": 1, "sample": 200}
 
 
 # ------------------------------------------------------------------------------------- corpus
@@ -168,7 +170,7 @@ def scores(predicted: set[tuple[int, int]], truth: set[tuple[int, int]]) -> dict
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=2)
@@ -177,10 +179,11 @@ def main() -> None:
     ap.add_argument("--num-perm", type=int, default=128)
     ap.add_argument("--sides", default="ours,naive_datasketch,rensa")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(ap, argv, SMOKE)
     if args.child:
         child(*args.child)
         return
+    emit = json_stdout()
 
     cfg = DedupConfig(threshold=args.threshold, num_perm=args.num_perm)
     cfg_json = json.dumps({"threshold": cfg.threshold, "num_perm": cfg.num_perm, "shingle_size": cfg.shingle_size, "seed": cfg.seed})
@@ -212,6 +215,7 @@ def main() -> None:
 
     report: dict = {
         "benchmark": "dedup",
+        "smoke": args.smoke,
         "corpus": {"docs": len(texts), "mb": round(mb, 2), "planted_copies": sum(o != i for i, o in enumerate(origin))},
         "config": json.loads(cfg_json) | {"lsh_bands_rows": list(cfg.lsh_bands())},
         "accuracy_sample_docs": len(sample),
@@ -244,7 +248,7 @@ def main() -> None:
         report["pass"] = bool(speedup >= SPEEDUP_TARGET and (report["ours"]["recall"] or 0) >= RECALL_TARGET)
     if "ours" in report and "rensa" in report:
         report["ours_vs_rensa"] = round(report["ours"]["docs_per_s"] / report["rensa"]["docs_per_s"], 2)
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""Every benchmark in bench/ runs in its smoke mode (tiny sizes, one repeat, the same code paths), so a
+benchmark that breaks fails here; stdout holds only its JSON report, with the figures a user reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run_smoke(script: str, tmp_path, timeout: int) -> dict:
+    home = tmp_path / "home"
+    home.mkdir()
+    # Smoke figures measure nothing: one intra-op thread keeps the run short on a busy shared machine,
+    # where two OpenMP threads wait on each other (the gate smoke took 113 s instead of 12 s under load).
+    env = {**os.environ, "SLEEP_PIPELINE_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    try:
+        report = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"stdout of bench/{script} is not one JSON report:\n{proc.stdout[-2000:]}")
+    assert report["smoke"] is True and report["machine"]["cpus"] > 0
+    return report
+
+
+def test_dedup_bench_smoke(tmp_path):
+    report = run_smoke("dedup.py", tmp_path, timeout=300)
+    assert report["corpus"]["docs"] == 2000
+    for side in ("ours", "naive_datasketch", "rensa"):
+        assert report[side]["docs_per_s"] > 0 and len(report[side]["seconds"]) == 1
+        assert report[side]["recall"] is not None and report[side]["precision"] is not None
+    assert report["speedup_vs_naive"] > 0 and report["ours_vs_rensa"] > 0
+    assert isinstance(report["pass"], bool)
+
+
+def test_gate_bench_smoke(tmp_path):
+    report = run_smoke("gate.py", tmp_path, timeout=300)
+    assert report["examples"] > 0 and report["repeats"] == 1
+    assert report["one_at_a_time_examples_per_s"] > 0 and report["batched_examples_per_s"] > 0
+    assert report["speedup"] > 0 and isinstance(report["meets_target"], bool)
+    same, total = map(int, report["identical_responses"].split("/"))
+    assert total > 0 and 0 <= same <= total and report["max_metric_difference"] >= 0
+    assert report["per_task"] and all(t["speedup"] > 0 for t in report["per_task"].values())
+
+
+def test_train_throughput_bench_smoke(tmp_path):
+    report = run_smoke("train_throughput.py", tmp_path, timeout=900)
+    a, b = report["dagster_deepspeed"], report["bare_torch"]
+    assert a["tokens_per_s"] > 0 and b["tokens_per_s"] > 0
+    assert report["ratio"] == pytest.approx(a["tokens_per_s"] / b["tokens_per_s"], rel=1e-2)
+    assert a["launch_overhead_s"] > 0 and isinstance(report["pass"], bool)
+    [run_a], [run_b] = a["runs"], b["runs"]
+    # both sides timed the same warm steps (after the first logged step)
+    assert run_a["steps"] == run_b["steps"] == report["steps"] - 2
