@@ -97,8 +97,14 @@ def _gate_run(world, *assets: str, rhythm: str = "weekly"):
                           if "gate_report" in (assets or ("gate_report",)) else None)
 
 
-def _suites(world):
+def _suites(world, items: int | None = None):
+    """The gate recipe (``items`` per suite instead of the recipe's, for tests about plumbing) and the
+    suites of the world's data version."""
+    import dataclasses
+
     recipe = load_gate_recipe(world["recipes"] / "gate.yaml")
+    if items:
+        recipe = dataclasses.replace(recipe, examples={r: items for r in recipe.examples})
     storage = world["storage"]
     return recipe, gate.suites_for_mix(storage, gate.data_manifest(storage / "sleep.duckdb", world["data_version"]), recipe)
 
@@ -199,7 +205,7 @@ def test_gate_then_release_through_dagster_and_a_failed_gate_never_moves_live(wo
 def test_release_is_one_transaction_and_identical_weights_are_not_released_again(world, tmp_path, monkeypatch):
     storage = world["storage"]
     db = tmp_path / "sleep.duckdb"
-    recipe, suites = _suites(world)
+    recipe, suites = _suites(world, items=12)
     cand = candidates.register(db, copy_candidate(world["cands"]["safe"], tmp_path / "learn", "cand"))
     report, verdict, _ = gate.run_gate(db, tmp_path, cand.candidate_id, recipe, "weekly", suites=suites)
     assert verdict.passed, verdict.failures
@@ -248,7 +254,7 @@ def test_released_weights_survive_retention_and_the_next_gate_evaluates_live(wor
 
     storage = world["storage"]
     db, root, keep = tmp_path / "sleep.duckdb", tmp_path / "learn", 1
-    recipe, suites = _suites(world)
+    recipe, suites = _suites(world, items=12)
     released = []
     for k in range(2):
         c = finish(db, copy_candidate(world["cands"]["safe"], root, f"safe{k}", noise=1e-4 * k), keep)

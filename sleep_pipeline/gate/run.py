@@ -476,7 +476,10 @@ def release_gated(db_path: Path, report_id: str, log=None) -> ReleaseOutcome:
                        f"`sleep-pipeline release rollback {prior.version}` makes it live again)")
         if log:
             log(message)
-        return ReleaseOutcome(prior, get_report(db_path, report_id), True, message)
+        report = get_report(db_path, report_id)
+        write_card(report, verdict_of(report), f"gated again: the same weights as release {prior.version}; nothing new "
+                                               "released", prior.version)
+        return ReleaseOutcome(prior, report, True, message)
     try:
         rel = registry.release(db_path, Path(report.candidate_path), report.data_version, report.report_id,
                                rhythm=report.rhythm, expected_sha256=report.candidate_sha256,
