@@ -204,7 +204,7 @@ def test_lora_on_a_local_model_directory(tmp_path, small_mix):
 def test_time_limit_stops_saves_and_publishes(tmp_path, small_mix):
     recipe = tiny_recipe(tmp_path, max_steps=100_000, max_time_s=35, eval_steps=100_000, save_steps=100_000)
     proc = launch(_worker_args(recipe, small_mix, tmp_path / "run", tmp_path / "out"))
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "time limit 35s reached" in proc.stdout
     [ckpt] = list((tmp_path / "out").glob("learn-*"))
     manifest = verify_checkpoint(ckpt)

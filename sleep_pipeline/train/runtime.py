@@ -400,8 +400,10 @@ class RunContext:
         if not isinstance(trainer.model_wrapped, deepspeed.DeepSpeedEngine):
             raise WorkerError(f"training did not run under DeepSpeed (engine: {engine})")
         final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        # only rank 0 writes metrics.jsonl (and may still be appending to it): the others must not read
+        # it, or they can meet a half-written line
         all_metrics = ([json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-                       if self.metrics_path.exists() else self.history)
+                       if self.rank == 0 and self.metrics_path.exists() else self.history)
         losses = [h["loss"] for h in self.history if "loss" in h]
         initial_eval = next((m["eval_loss"] for m in all_metrics if "eval_loss" in m), None)
         return {
