@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sleep_pipeline.checkpoint import (
-    CheckpointError, abandoned_staging, list_checkpoints, pid_alive, remove_checkpoint, verify_checkpoint,
+    CheckpointError, abandoned_staging, pid_alive, remove_checkpoint, verify_checkpoint,
 )
 from sleep_pipeline.store import connect, query_dicts, utcnow
 
@@ -288,13 +288,6 @@ def retain(db_path: Path, root: Path, keep_last: int, log=None) -> list[str]:
         if log:
             log(f"removed abandoned staging directory {stale.name}")
     return removed
-
-
-def unregistered(db_path: Path, root: Path) -> list[Path]:
-    """Published checkpoint directories under ``root`` that no candidate row points at."""
-    with connect(db_path) as con:
-        known = {str(Path(c.path).resolve()) for c in _select(con)}
-    return [p for p in list_checkpoints(root) if str(p.resolve()) not in known]
 
 
 def purge(db_path: Path, ref: str, reason: str) -> Candidate:

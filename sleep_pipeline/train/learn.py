@@ -27,9 +27,9 @@ from typing import Iterator
 
 from sleep_pipeline import candidates
 from sleep_pipeline.config import stable_hash
+from sleep_pipeline.train.runtime import STATE
 
 LOCK = ".run.lock"
-STATE = "run_state.json"  # written by the worker runtime
 
 
 @dataclass(frozen=True)
