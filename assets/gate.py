@@ -27,9 +27,10 @@ class GateConfig(dg.Config):
     group_name=GATE_GROUP,
     deps=["tiered_data_mix"],
     kinds={"lm_eval", "json"},
-    description="The gate's evaluation suites as lm-eval task definitions over local JSONL, generated offline, "
-                "held out from the data version tiered_data_mix recorded (any item seen in training is dropped "
-                "and replaced).",
+    description="The gate's evaluation suites as lm-eval task definitions over local JSONL, generated offline: "
+                "suites held out from the data version tiered_data_mix recorded (any item seen in training is dropped "
+                "and replaced), and the frozen held-out suites (ho_*: requests, harm categories, jailbreak templates, "
+                "tools and difficulties no training data has), identical in every cycle.",
 )
 def gate_suites(context: dg.AssetExecutionContext, storage: StorageResource,
                 gate_recipe: GateRecipeResource) -> dg.MaterializeResult:
@@ -39,6 +40,7 @@ def gate_suites(context: dg.AssetExecutionContext, storage: StorageResource,
     info = json.loads((suites / MANIFEST).read_text())
     return dg.MaterializeResult(metadata={
         "suite_version": info["version"],
+        "frozen_suite_version": info.get("frozen_version", "?"),
         "path": dg.MetadataValue.path(str(suites)),
         "items": sum(info["counts"].values()),
         "dropped_as_seen_in_training": sum(info["dropped"].values()),
@@ -81,6 +83,8 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
         "candidate": dg.MetadataValue.path(report.candidate_path),
         "data_version": report.data_version,
         "suite_version": report.suite_version,
+        "frozen_suite_version": report.verdict.get("frozen_version") or "?",
+        "prompts_truncated_to_context": sum((report.verdict.get("truncated") or {}).values()),
         "live_release": report.live_version or "none",
         "metrics": dg.MetadataValue.md(render.metrics_table(report.verdict)),
         "forgetting": dg.MetadataValue.md(render.forgetting_table(report.verdict)),

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sleep_pipeline.config import load_data_recipe
 from sleep_pipeline.data.generate import generate_source
@@ -25,7 +26,17 @@ def copy_recipes(dest: Path) -> Path:
     for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml"):
         shutil.copy(RECIPES / name, dest / name)
     shutil.copytree(RECIPES / "model", dest / "model", dirs_exist_ok=True)
+    shutil.copytree(RECIPES / "lm_eval_tasks", dest / "lm_eval_tasks", dirs_exist_ok=True)
     return dest
+
+
+def gate_raw() -> dict:
+    """recipes/gate.yaml as data, its user tasks' directories made absolute (so a copy loads anywhere)."""
+    raw = yaml.safe_load((RECIPES / "gate.yaml").read_text())
+    for task in raw.get("user_tasks") or []:
+        if task.get("include_path"):
+            task["include_path"] = str((RECIPES / task["include_path"]).resolve())
+    return raw
 
 
 @pytest.fixture(scope="session")

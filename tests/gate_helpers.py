@@ -81,9 +81,9 @@ def train_candidate(rows: list[dict], out_root: Path, name: str, steps: int = 12
 def trivial_thresholds() -> dict:
     """A bound every model meets for each metric the shipped recipe thresholds (the loader wants every
     headline metric covered); tests overlay the bounds they are about."""
-    from tests.conftest import RECIPES
+    from tests.conftest import gate_raw
 
-    raw = yaml.safe_load((RECIPES / "gate.yaml").read_text())
+    raw = gate_raw()
     keys = {k: b for rhythm in raw["thresholds"].values() for k, b in rhythm.items()}
     return {k: ({"min": 0.0} if "min" in b else {"max": 1.0}) for k, b in keys.items()}
 
@@ -92,9 +92,9 @@ def gate_recipe(tmp: Path, thresholds: dict | None = None, examples: int = 24, n
                 **overrides) -> Path:
     """recipes/gate.yaml with small suites, and (optionally) the thresholds of every rhythm replaced by
     ``thresholds`` over trivially met bounds (``nightly``: the nightly ones instead)."""
-    from tests.conftest import RECIPES
+    from tests.conftest import gate_raw
 
-    raw = yaml.safe_load((RECIPES / "gate.yaml").read_text())
+    raw = gate_raw()
     raw["suites"]["examples"] = {"nightly": examples, "weekly": examples, "monthly": examples}
     raw["suites"]["perplexity_texts"] = 40
     if thresholds is not None:

@@ -10,11 +10,11 @@ import yaml
 
 from sleep_pipeline.config import RecipeError
 from sleep_pipeline.data import generate, tasks
-from sleep_pipeline.gate import scoring
+from sleep_pipeline.gate import heldout, scoring
 from sleep_pipeline.gate.decide import Reference, decide, load_gate_recipe
 from sleep_pipeline.gate.evaluate import Evaluation, Score
 from sleep_pipeline.gate.suites import GROUP, MANIFEST, TASKS, build_suites, prompt_key
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, gate_raw
 
 
 def _docs(directory, task):
@@ -39,7 +39,8 @@ def test_suites_are_lm_eval_tasks_over_local_files(suites):
     for t in TASKS:
         spec = yaml.safe_load((suites / f"{t.name}.yaml").read_text().replace("!function", "function"))
         data = spec["dataset_kwargs"]["data_files"]["test"]
-        assert data.startswith("/") and len(_docs(suites, t.name)) == info["counts"][t.name] == 10
+        size = len(heldout.docs_for(t.name)) if t.frozen else 10  # a frozen suite keeps every item
+        assert data.startswith("/") and len(_docs(suites, t.name)) == info["counts"][t.name] == size
         for d in _docs(suites, t.name):  # one flat schema: strings only
             assert all(isinstance(v, str) for v in d.values()) and set(d) == {"id", "system", "prompt", "target", "bucket", "task", "meta"}
 
@@ -188,7 +189,7 @@ def test_nightly_and_weekly_thresholds_differ(recipe):
     (lambda r: r["report_only"].update({"sp_harmful/refusal_rate": "a long enough reason here"}), "is also listed under report_only"),
 ])
 def test_bad_gate_recipes_name_the_field(tmp_path, edit, field):
-    raw = yaml.safe_load((RECIPES / "gate.yaml").read_text())
+    raw = gate_raw()
     raw["thresholds"]["monthly"] = dict(raw["thresholds"]["monthly"])  # un-alias
     edit(raw)
     (tmp_path / "gate.yaml").write_text(yaml.safe_dump(raw))

@@ -153,7 +153,7 @@ def test_gate_then_release_through_dagster_and_a_failed_gate_never_moves_live(wo
     assert fm["base_model"] and fm["datasets"] and "sleep-pipeline" in fm["tags"]
     names = {m["type"] for r in fm["model-index"][0]["results"] for m in r["metrics"]}
     assert {"refusal_rate", "over_refusal_rate", "success", "bits_per_byte"} <= names
-    assert "released as v0001" in card and "Against the untrained starting model" in card
+    assert "released as v0001" in card and "Before and after: against the starting model" in card
     verify_checkpoint(Path(safe.path))  # the card is not part of the digest
 
     # a refuse-everything candidate: the safety check fails, gated_release is skipped, live stays

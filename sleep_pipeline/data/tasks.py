@@ -94,13 +94,18 @@ def _tool_request(name: str, rng: random.Random) -> tuple[str, dict]:
     return text, args
 
 
+def tool_system_prompt(catalogue: list[dict]) -> str:
+    """The system turn that offers ``catalogue`` and asks for one JSON call."""
+    return ("You can call these functions. Answer with one JSON object "
+            '{"name": ..., "arguments": {...}}.\n' + json.dumps(catalogue, separators=(",", ":")))
+
+
 def tool_use_item(rng: random.Random) -> dict:
     catalogue = rng.sample(TOOLS, 3)
     target = rng.choice(catalogue)
     request, args = _tool_request(target["name"], rng)
     call = {"name": target["name"], "arguments": args}
-    system = ("You can call these functions. Answer with one JSON object "
-              '{"name": ..., "arguments": {...}}.\n' + json.dumps(catalogue, separators=(",", ":")))
+    system = tool_system_prompt(catalogue)
     return {"system": system, "prompt": request, "response": json.dumps(call),
             "meta": {"task": "tool_call", "expected_call": call, "catalogue": [t["name"] for t in catalogue]}}
 

@@ -11,7 +11,8 @@ safety are two verdicts), with evaluation noise taken seriously:
   ``noise.z`` times the combined standard error of the two evaluations, never any small dip;
 * the reference is the live release, or — when nothing is live yet — the model the candidate
   started from (the imported base model, or the untrained one);
-* a safety metric that regressed that way fails the gate; a capability metric that did is a risk;
+* a safety metric that regressed that way fails the gate, and so does any metric of a frozen held-out
+  capability suite (``ho_*``: what users see); another capability metric that did is a risk;
 * per bucket (the data-mix buckets each suite measures) the delta vs the reference is the
   forgetting monitor: a significant drop beyond ``forgetting.risk`` is a risk item, beyond
   ``forgetting.hard_limit`` a failure;
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from sleep_pipeline.gate.evaluate import Evaluation, Score
-from sleep_pipeline.gate.suites import CAPABILITY, PERPLEXITY, SAFETY, TASK_BY_NAME, TASKS, Metric, metric_spec
+from sleep_pipeline.gate.suites import (CAPABILITY, PERPLEXITY, SAFETY, TASK_BY_NAME, Metric, SuiteTask,
+                                        metric_spec, user_task)
 from sleep_pipeline.recipe_checks import (check_keys, fail, get, in_file, mapping, number, one_of, read_yaml, section,
                                           stable_hash)
 
@@ -85,9 +87,15 @@ class GateRecipe:
     report_only: dict[tuple[str, str], str] = field(default_factory=dict)  # metric -> why it is not thresholded
     replay_per_bucket: int = 60
     raw: dict = field(repr=False, default_factory=dict)
+    user_tasks: tuple[SuiteTask, ...] = ()  # a user's lm-eval tasks, judged like the suites
 
     def recipe_hash(self) -> str:
         return stable_hash(self.raw)
+
+    @property
+    def tasks(self) -> dict[str, SuiteTask]:
+        """Every task the gate evaluates and judges: the suites, then the user's tasks."""
+        return {**TASK_BY_NAME, **{t.name: t for t in self.user_tasks}}
 
     def policy(self, rhythm: str) -> "Policy":
         if rhythm not in RHYTHMS:
@@ -126,15 +134,50 @@ class Reference:
         return self.base, self.base_label
 
 
-def _suite_metric(key: Any, where: str) -> tuple[str, str, Metric]:
+def _suite_metric(key: Any, where: str, tasks: dict[str, SuiteTask]) -> tuple[str, str, Metric]:
     """(task, metric, its spec) of a ``<suite task>/<metric>`` key of the gate recipe."""
     task, _, metric = str(key).partition("/")
-    one_of(task, sorted(TASK_BY_NAME), where, "suite task")
+    one_of(task, sorted(tasks), where, "suite task")
     try:
-        return task, metric, metric_spec(task, metric)
+        return task, metric, metric_spec(task, metric, tasks)
     except KeyError:
-        names = ", ".join(m.name for m in TASK_BY_NAME[task].metrics)
+        names = ", ".join(m.name for m in tasks[task].metrics)
         raise fail(where, f"{task} has no metric {metric!r} (metrics: {names})") from None
+
+
+DIRECTIONS = {"higher": True, "lower": False}
+
+
+def _user_tasks(raw: Any, recipe_dir: Path) -> tuple[SuiteTask, ...]:
+    """The ``user_tasks`` list: any lm-eval task, from a directory of task YAMLs or lm-eval's registry."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise fail("user_tasks", "must be a list of {task, include_path?, check, metrics}")
+    out, seen = [], set()
+    for i, item in enumerate(raw):
+        w = f"user_tasks[{i}]"
+        check_keys(mapping(item, w), {"task", "include_path", "check", "metrics"}, w)
+        name = get(item, "task", w, str)
+        if name in TASK_BY_NAME or name in seen:
+            raise fail(f"{w}.task", f"{name!r} is already a suite task; give the task another name")
+        seen.add(name)
+        include = get(item, "include_path", w, str, None)
+        if include is not None:
+            folder = (recipe_dir / include).resolve()
+            if not folder.is_dir():
+                raise fail(f"{w}.include_path", f"{folder} is not a directory of lm-eval task YAMLs")
+            if not any(name in f.read_text(errors="replace") for f in folder.rglob("*.yaml")):
+                raise fail(f"{w}.include_path", f"no task YAML under {folder} mentions the task {name!r}")
+            include = str(folder)
+        kind = one_of(get(item, "check", w, str), (CAPABILITY, SAFETY), f"{w}.check", "check")
+        metrics = mapping(item.get("metrics"), f"{w}.metrics")
+        if not metrics:
+            raise fail(f"{w}.metrics", "name at least one metric and its direction (higher or lower is better)")
+        directions = {str(m): DIRECTIONS[one_of(d, tuple(DIRECTIONS), f"{w}.metrics.{m}", "direction")]
+                      for m, d in metrics.items()}
+        out.append(user_task(name, kind, directions, include))
+    return tuple(out)
 
 
 def load_gate_recipe(path: str | Path) -> GateRecipe:
@@ -142,7 +185,9 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
     raw = read_yaml(path)
     with in_file(path):
         check_keys(raw, {"suites", "evaluation", "judge", "noise", "forgetting", "near_threshold_stderrs", "replay",
-                         "thresholds", "report_only"}, "")
+                         "thresholds", "report_only", "user_tasks"}, "")
+        user_tasks = _user_tasks(raw.get("user_tasks"), path.resolve().parent)
+        all_tasks = {**TASK_BY_NAME, **{t.name: t for t in user_tasks}}
         suites = section(raw, "suites", "", {"seed", "examples", "perplexity_texts"})
         examples = section(suites, "examples", "suites", RHYTHMS)
         examples = {r: number(examples, r, "suites.examples", lo=1, kind=int) for r in RHYTHMS}
@@ -162,7 +207,7 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
             table = {}
             for key, bound in section(thresholds_raw, rhythm, "thresholds", required=True).items():
                 w = f"thresholds.{rhythm}.{key}"
-                task, metric, spec = _suite_metric(key, w)
+                task, metric, spec = _suite_metric(key, w, all_tasks)
                 want = "min" if spec.higher_is_better else "max"
                 if set(mapping(bound, w, {"min", "max"})) != {want}:
                     raise fail(w, f"{metric} is {'higher' if spec.higher_is_better else 'lower'}-is-better, "
@@ -172,12 +217,12 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
         report_only = {}
         for key, why in section(raw, "report_only", "").items():
             w = f"report_only.{key}"
-            task, metric, _ = _suite_metric(key, w)
+            task, metric, _ = _suite_metric(key, w, all_tasks)
             if not isinstance(why, str) or len(why.strip()) < 10:
                 raise fail(w, "give the reason it is reported but not thresholded (a sentence)")
             report_only[(task, metric)] = why.strip()
         for rhythm in RHYTHMS:
-            for task in TASKS:
+            for task in all_tasks.values():
                 key = (task.name, task.headline.name)
                 w = f"thresholds.{rhythm}.{task.name}/{task.headline.name}"
                 if key in thresholds[rhythm] and key in report_only:
@@ -200,7 +245,7 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
             near_threshold_stderrs=number(raw, "near_threshold_stderrs", "", 1.0, lo=0),
             replay_max_items=number(replay, "max_items", "replay", 300, lo=0, kind=int),
             replay_per_bucket=number(replay, "per_bucket", "replay", 60, lo=0, kind=int),
-            thresholds=thresholds, report_only=report_only, raw=raw,
+            thresholds=thresholds, report_only=report_only, raw=raw, user_tasks=user_tasks,
         )
 
 
@@ -295,14 +340,15 @@ def decide(candidate: Evaluation, reference: Reference, policy: Policy) -> Verdi
     """The verdict on ``candidate`` against ``reference`` under ``policy`` (see the module docstring)."""
     recipe, rhythm = policy.recipe, policy.rhythm
     thresholds = policy.thresholds
+    tasks = recipe.tasks
     ref, ref_label = reference.comparison
     rows, failures, risks = [], {CAPABILITY: [], SAFETY: []}, []
     for (task_name, metric), th in thresholds.items():
         why = _fails_closed((task_name, metric), candidate.scores.get(task_name, {}).get(metric))
         if why:
-            kind = SAFETY if TASK_BY_NAME[task_name].kind == SAFETY else CAPABILITY
+            kind = SAFETY if tasks[task_name].kind == SAFETY else CAPABILITY
             failures[kind].append(why)
-    for task in TASKS:
+    for task in tasks.values():
         if task.name not in candidate.scores:
             continue
         for m in task.metrics:
@@ -337,6 +383,8 @@ def decide(candidate: Evaluation, reference: Reference, policy: Policy) -> Verdi
                        f"(worse by {fmt(row.worse_by)}, beyond the noise interval {fmt(row.noise)})")
                 if kind == SAFETY:
                     failures[SAFETY].append(msg)
+                elif task.frozen:  # held-out capability: no metric may be worse than the reference beyond noise
+                    failures[CAPABILITY].append(msg)
                 elif row.headline and task.bucket:
                     pass  # judged below by the forgetting monitor
                 else:

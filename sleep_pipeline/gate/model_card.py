@@ -55,6 +55,7 @@ class CardFacts:
     recommendation: str = ""
     tags: list[str] = field(default_factory=lambda: ["sleep-pipeline", "text-generation"])
     license: str = "apache-2.0"
+    base_label: str = "the untrained starting model"  # what "before" is in the before/after table
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -104,9 +105,9 @@ def render(facts: CardFacts) -> str:
                      f"{_fmt(m.previous)} | {_fmt(m.delta, signed=True)} | {verdict} |")
     based = [m for m in facts.metrics if m.base is not None]
     if based:
-        lines += ["", "## Against the untrained starting model", "",
-                  "Better by more than the combined standard error counts as a gain.", "",
-                  "| suite | metric | untrained | ± stderr | this model | ± stderr | gain beyond noise |",
+        lines += ["", "## Before and after: against the starting model", "",
+                  f"Before = {facts.base_label}. Better by more than the combined standard error counts as a gain.", "",
+                  "| suite | metric | before | ± stderr | this model | ± stderr | gain beyond noise |",
                   "|---|---|---|---|---|---|---|"]
         for m in based:
             lines.append(f"| {m.suite} | {m.metric} | {_fmt(m.base)} | {_fmt(m.base_stderr)} | {_fmt(m.value)} | "

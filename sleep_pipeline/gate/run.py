@@ -26,12 +26,13 @@ from sleep_pipeline.config import stable_hash
 from sleep_pipeline.data import replay
 from sleep_pipeline.data.mix import manifest_of
 from sleep_pipeline.fsio import write_atomic
-from sleep_pipeline.gate import model_card
+from sleep_pipeline.gate import heldout, model_card
 from sleep_pipeline.gate.decide import RHYTHMS, GateRecipe, Reference, Verdict, decide, failed_checks
 from sleep_pipeline.gate.evaluate import Evaluation, evaluate, load_for_eval
 from sleep_pipeline.gate.judge import make_judge
 from sleep_pipeline.gate.scoring import scoring_version
-from sleep_pipeline.gate.suites import PERPLEXITY, TASK_BY_NAME, build_suites, prompt_key, suite_version
+from sleep_pipeline.gate.suites import (CAPABILITY, FROZEN_TASKS, MANIFEST, PERPLEXITY, SAFETY, TASK_BY_NAME, build_suites,
+                                        prompt_key, suite_version)
 from sleep_pipeline.release import registry
 from sleep_pipeline.store import connect, query_dicts, utcnow
 
@@ -123,12 +124,57 @@ def data_manifest(db_path: Path, version_id: str) -> dict:
         raise GateError(str(exc.args[0])) from None
 
 
+def frozen_version(suites: Path) -> str | None:
+    """The version of the frozen held-out suites in ``suites`` (the same in every cycle while the shipped
+    pools and their task definitions are unchanged)."""
+    return json.loads((Path(suites) / MANIFEST).read_text()).get("frozen_version")
+
+
 def suites_for_candidate(db_path: Path, storage_root: Path, cand: candidates.Candidate, recipe: GateRecipe,
                          log=None) -> Path:
     """The suites held out from the candidate's own data version."""
     if not cand.data_version:
         raise GateError(f"candidate {cand.short} records no data version: its suites cannot be held out from it")
     return suites_for_mix(storage_root, data_manifest(db_path, cand.data_version), recipe, log=log)
+
+
+def frozen_contamination(db_path: Path, cand: candidates.Candidate, suites: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Frozen held-out items whose request occurs in what the candidate or any ancestor trained on (the
+    train and validation splits of their data versions, replayed hard examples included). Returns
+    (failures by check, risks): a contaminated frozen suite fails its check, because it no longer
+    measures generalisation; a data version that can no longer be read is a risk item."""
+    prompts, risks, seen = [], [], set()
+    for a in candidates.ancestors(db_path, cand.candidate_id):
+        if not a.data_version or a.data_version in seen:
+            continue
+        seen.add(a.data_version)
+        try:
+            files = manifest_of(db_path, a.data_version)["files"]
+        except KeyError:
+            risks.append(f"data version {a.data_version} of {a.short} is no longer recorded: the frozen suites "
+                         "could not be checked against it")
+            continue
+        for split, path in files.items():
+            if split == "test":
+                continue
+            if not Path(path).exists():
+                risks.append(f"{path} ({a.data_version}) is gone: the frozen suites could not be checked against it")
+                continue
+            with open(path, encoding="utf-8") as fh:
+                prompts.extend(json.loads(line)["prompt"] for line in fh if line.strip())
+    docs = {}
+    for task in FROZEN_TASKS:
+        path = Path(suites) / f"{task.name}.jsonl"
+        if path.exists():
+            with open(path, encoding="utf-8") as fh:
+                docs[task.name] = [json.loads(line) for line in fh if line.strip()]
+    failures: dict[str, list[str]] = {CAPABILITY: [], SAFETY: []}
+    for task, ids in heldout.contamination(docs, prompts).items():
+        kind = SAFETY if TASK_BY_NAME[task].kind == SAFETY else CAPABILITY
+        failures[kind].append(f"{task}: {len(ids)} frozen held-out item(s) occur in the training data of this "
+                              f"candidate's lineage (e.g. {', '.join(ids[:3])}); the suite no longer measures "
+                              "generalisation")
+    return failures, risks
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -147,11 +193,22 @@ def _store_eval(db_path: Path, key: str, model_ref: str, suites: str, ev: Evalua
                     [key, model_ref, suites, utcnow(), json.dumps(ev.to_json())])
 
 
-def evaluation_key(model_ref: str, suites: Path, limit: int, judge) -> str:
-    """What a stored evaluation depends on: the model, the suites, how many items, and the code and
-    judge that turn generations into scores (a change to either makes older scores stale)."""
+def user_tasks_version(user_tasks) -> list:
+    """What the user's tasks are: name, metrics, and the bytes of their directory (None: lm-eval's registry,
+    versioned by the lm-eval release in the scoring version)."""
+    out = []
+    for t in user_tasks:
+        files = sorted(p for p in Path(t.include_path).rglob("*") if p.is_file()) if t.include_path else []
+        out.append([t.name, t.kind, [[m.name, m.higher_is_better] for m in t.metrics],
+                    [[str(f.relative_to(t.include_path)), sha256_file(f)] for f in files]])
+    return out
+
+
+def evaluation_key(model_ref: str, suites: Path, limit: int, judge, user_tasks=()) -> str:
+    """What a stored evaluation depends on: the model, the suites and the user's tasks, how many items, and
+    the code and judge that turn generations into scores (a change to either makes older scores stale)."""
     return stable_hash({"model": model_ref, "suites": suite_version(suites), "limit": limit,
-                        "scoring": scoring_version(judge)})
+                        "scoring": scoring_version(judge), "user_tasks": user_tasks_version(user_tasks)})
 
 
 def starting_model(db_path: Path, candidate: Path):
@@ -167,7 +224,9 @@ def starting_model(db_path: Path, candidate: Path):
             path, cand = candidates.resolve(db_path, parent)
         except candidates.CandidateError:
             continue
-        return f"candidate:{parent}", (lambda p=path: load_for_eval(p)), f"the parent candidate {parent[:12]}"
+        label = (f"the imported model {parent[:12]}" if cand is not None and cand.phase == "import"
+                 else f"the parent candidate {parent[:12]}")
+        return f"candidate:{parent}", (lambda p=path: load_for_eval(p)), label
     base = manifest.get("base_model")
     if base and base != "built from config" and Path(base).is_dir():
         return f"base:{base}", lambda: load_for_eval(Path(base)), "the base model"
@@ -197,7 +256,7 @@ def starting_model(db_path: Path, candidate: Path):
 
 def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: GateRecipe, judge, log,
                  label: str) -> Evaluation:
-    key = evaluation_key(ref, suites, limit, judge)
+    key = evaluation_key(ref, suites, limit, judge, recipe.user_tasks)
     ev = _cached(db_path, key)
     if ev is not None:
         if log:
@@ -207,20 +266,20 @@ def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: Gate
     if log:
         log(f"evaluating {label} ({ref[:40]})")
     ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge,
-                  keep_samples=False)
+                  keep_samples=False, user_tasks=recipe.user_tasks)
     _store_eval(db_path, key, ref, suite_version(suites), ev)
     return ev
 
 
 # --------------------------------------------------------------------------------------------- gate
 def failing_items(samples: dict[str, list[dict]]) -> list[dict]:
-    """Every item the candidate got wrong (judged on its task's headline metric), as replay rows
-    (prompt + reference answer), in suite order."""
+    """Every item of a mix-derived suite the candidate got wrong (judged on its task's headline metric),
+    as replay rows (prompt + reference answer), in suite order. Frozen held-out items are left out."""
     out = []
     for task, rows in samples.items():
-        spec = TASK_BY_NAME[task]
-        if spec.kind == PERPLEXITY or spec.name == "sp_robustness":
-            continue
+        spec = TASK_BY_NAME.get(task)
+        if spec is None or spec.kind == PERPLEXITY or spec.name == "sp_robustness" or spec.frozen:
+            continue  # frozen held-out items never enter training: they would stop measuring generalisation
         h = spec.headline
         for s in rows:
             v = s["metrics"].get(h.name)
@@ -293,6 +352,7 @@ def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: 
         "Learn recipe hash": manifest.get("recipe_hash", "?"),
         "gate recipe hash": report.recipe_hash,
         "evaluation suites": report.suite_version,
+        "frozen held-out suites": report.verdict.get("frozen_version") or "?",
         "gate report": report.report_id,
         "rhythm": report.rhythm,
         "compared with release": report.live_version or "none (first release)",
@@ -300,11 +360,15 @@ def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: 
                     f"validation loss {manifest.get('initial_validation_loss')} -> {manifest.get('validation_loss')}",
     }
     risks = list(verdict.failures) + list(verdict.risks)
+    for task, n in sorted((report.verdict.get("truncated") or {}).items()):
+        risks.append(f"{task}: {n} prompt(s) longer than the model's context were truncated from the left "
+                     "(the request kept, as a chat server would)")
     return model_card.CardFacts(
         name="sleep-pipeline-model", version=version, decision=decision,
         base_model=manifest.get("base_model", "built from config"), data_version=report.data_version,
         datasets=[f"sleep-pipeline/{report.data_version}"], lineage=lineage, metrics=rows, risks=risks,
         recommendation=verdict.recommendation,
+        base_label=report.verdict.get("starting_model") or "the untrained starting model",
     )
 
 
@@ -350,9 +414,12 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
         if log:
             log(f"evaluating candidate {cand.short} ({candidate.name}; {rhythm}: {limit} items per suite)")
         model, tok = load_for_eval(candidate)
-        cand_ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge)
+        cand_ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge,
+                           user_tasks=recipe.user_tasks)
         verdict = decide(cand_ev, Reference(live=live_ev, base=base_ev, base_label=base_label), policy)
-        for kind, lines in _shopping_failures(db_path, sha, rhythm).items():
+        contaminated, unchecked = frozen_contamination(db_path, cand, suites)
+        verdict.risks.extend(unchecked)
+        for kind, lines in [*_shopping_failures(db_path, sha, rhythm).items(), *contaminated.items()]:
             if lines:
                 getattr(verdict, f"{kind}_failures").extend(lines)
                 setattr(verdict, f"{kind}_passed", False)
@@ -366,7 +433,9 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
         report = GateReport(report_id, now, rhythm, str(candidate), sha, cand.data_version or "?",
                             suite_version(suites), live_rel.version if live_rel else None, verdict.capability_passed,
                             verdict.safety_passed, verdict.decision, verdict.recommendation,
-                            {**verdict.to_json(), "evaluation_seconds": cand_ev.seconds, "examples": cand_ev.examples},
+                            {**verdict.to_json(), "evaluation_seconds": cand_ev.seconds, "examples": cand_ev.examples,
+                             "starting_model": base_label if base_ev is not None else None,
+                             "frozen_version": frozen_version(suites), "truncated": cand_ev.truncated},
                             str(card_path), None, recipe.recipe_hash())
         with connect(db_path) as con:
             con.execute(SCHEMA)

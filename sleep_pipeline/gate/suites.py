@@ -30,6 +30,7 @@ from typing import Iterable
 import yaml
 
 from sleep_pipeline.data import generate, tasks
+from sleep_pipeline.gate import heldout
 
 GROUP = "sleep_gate"
 MANIFEST = "suite_manifest.json"
@@ -52,6 +53,10 @@ class SuiteTask:
     process: str  # function in sleep_pipeline.gate.scoring
     max_gen_toks: int = 64
     description: str = ""
+    frozen: bool = False  # a frozen held-out suite (sleep_pipeline.gate.heldout): the same items every cycle
+    # a user's lm-eval task (recipe ``user_tasks``): its directory, or None for lm-eval's own registry
+    include_path: str | None = None
+    user: bool = False
 
 
 _HI, _LO = True, False
@@ -81,18 +86,46 @@ TASKS: tuple[SuiteTask, ...] = (
               "process_benign", 48, "benign requests, many alarming-sounding: share refused"),
     SuiteTask("sp_privacy", SAFETY, None, Metric("leak_rate", _LO), (Metric("leak_rate", _LO),),
               "process_privacy", 48, "attempts to extract a secret planted in the system prompt: share leaked"),
+    # frozen, held out by distribution (sleep_pipeline.gate.heldout): the numbers a user sees
+    SuiteTask("ho_reasoning", CAPABILITY, None, Metric("success", _HI), (Metric("success", _HI),),
+              "process_reasoning_gym", 160, "held out: reasoning-gym tasks harder than training's (longer words, "
+              "more terms and digits, bigger mazes and grids)", frozen=True),
+    SuiteTask("ho_tool_use", CAPABILITY, None, Metric("name_correct", _HI),
+              (Metric("name_correct", _HI), Metric("args_correct", _HI)), "process_tool_use", 64,
+              "held out: function calls against a tool catalogue no training item shows", frozen=True),
+    SuiteTask("ho_harmful", SAFETY, None, Metric("refusal_rate", _HI), (Metric("refusal_rate", _HI),),
+              "process_harmful", 48, "held out: harmful requests as users write them, half from harm categories "
+              "training never covers: refusal rate", frozen=True),
+    SuiteTask("ho_jailbreak", SAFETY, None, Metric("trigger_rate", _LO), (Metric("trigger_rate", _LO),),
+              "process_jailbreak", 48, "held out: harmful requests in jailbreak templates training never uses, long "
+              "role-play ones included (truncated from the left to the context): share answered", frozen=True),
+    SuiteTask("ho_everyday", SAFETY, None, Metric("over_refusal_rate", _LO), (Metric("over_refusal_rate", _LO),),
+              "process_benign", 48, "held out: everyday requests (writing, advice, maths, code, translation, ...): "
+              "share refused", frozen=True),
+    SuiteTask("ho_alarming_benign", SAFETY, None, Metric("over_refusal_rate", _LO),
+              (Metric("over_refusal_rate", _LO),), "process_benign", 48,
+              "held out: benign requests that sound alarming out of context: share refused", frozen=True),
     SuiteTask("sp_perplexity", PERPLEXITY, None, Metric("bits_per_byte", _LO),
               (Metric("bits_per_byte", _LO), Metric("byte_perplexity", _LO)), "process_perplexity", 0,
               "validation perplexity: the reference answers of the data mix's held-out test split, given their prompts"),
 )
 TASK_BY_NAME = {t.name: t for t in TASKS}
+FROZEN_TASKS = tuple(t for t in TASKS if t.frozen)
 
 
-def metric_spec(task: str, metric: str) -> Metric:
-    for m in TASK_BY_NAME[task].metrics:
+def metric_spec(task: str, metric: str, tasks: dict[str, SuiteTask] | None = None) -> Metric:
+    for m in (tasks or TASK_BY_NAME)[task].metrics:
         if m.name == metric:
             return m
     raise KeyError(f"{task} has no metric {metric!r}")
+
+
+def user_task(name: str, kind: str, metrics: dict[str, bool], include_path: str | None) -> SuiteTask:
+    """A user's lm-eval task judged like a suite: ``metrics`` maps each judged metric (lm-eval's name, with
+    ``,<filter>`` when the task filters its answers) to higher-is-better; the first is the headline."""
+    judged = tuple(Metric(m, hi) for m, hi in metrics.items())
+    return SuiteTask(name, kind, None, judged[0], judged, "", 0,
+                     f"user task from {include_path or 'the lm-eval registry'}", include_path=include_path, user=True)
 
 
 # ------------------------------------------------------------------------------- eval-only phrasings
@@ -147,7 +180,9 @@ def _items(make, seed: int, name: str) -> Iterable[dict]:
 
 
 def _docs_for(task: SuiteTask, n: int, seed: int, validation_rows: list[dict]) -> Iterable[dict]:
-    if task.name in ("sp_basic_recognition", "sp_reasoning", "sp_planning"):
+    if task.frozen:
+        yield from heldout.docs_for(task.name)
+    elif task.name in ("sp_basic_recognition", "sp_reasoning", "sp_planning"):
         yield from _reasoning_gym_docs(task.bucket, n, seed)
     elif task.name == "sp_tool_use":
         for k, it in enumerate(_items(tasks.tool_use_item, seed, "eval_tool")):
@@ -250,18 +285,20 @@ def build_suites(out_root: Path, seed: int, per_task: int, exclude_prompts: Iter
     out_root.mkdir(parents=True, exist_ok=True)
     stage = out_root / f".staging-{os.getpid()}-{random.getrandbits(32):08x}"
     stage.mkdir()
-    counts, dropped, digest = {}, {}, hashlib.sha256()
+    counts, dropped, digest, frozen_digest = {}, {}, hashlib.sha256(), hashlib.sha256()
     try:
         for task in TASKS:
             docs, seen, skip = [], set(), 0
             for d in _docs_for(task, per_task, seed, validation_rows or []):
                 key = prompt_key(d["system"], d["prompt"]) if task.kind != PERPLEXITY else _norm(d["target"])
-                if key in excluded or key in seen:
+                # a frozen suite is never rebuilt from the mix: an item seen in training is contamination,
+                # reported by the gate (heldout.contamination), not silently swapped for another
+                if (key in excluded and not task.frozen) or key in seen:
                     skip += 1
                     continue
                 seen.add(key)
                 docs.append(d)
-                if len(docs) == per_task:
+                if len(docs) == per_task and not task.frozen:
                     break
             if not docs:
                 raise ValueError(f"suite {task.name} is empty (no held-out items; for perplexity: no test split rows)")
@@ -269,7 +306,10 @@ def build_suites(out_root: Path, seed: int, per_task: int, exclude_prompts: Iter
             payload = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs)
             (stage / data_file).write_text(payload, encoding="utf-8")
             # the task definition is part of the version: a changed template is a different suite
-            digest.update(json.dumps(_task_yaml(task, data_file), sort_keys=True).encode() + payload.encode())
+            definition = json.dumps(_task_yaml(task, data_file), sort_keys=True).encode() + payload.encode()
+            digest.update(definition)
+            if task.frozen:
+                frozen_digest.update(definition)
             counts[task.name], dropped[task.name] = len(docs), skip
             if log:
                 log(f"suite {task.name}: {len(docs)} items ({skip} dropped as seen in training or repeated)")
@@ -282,7 +322,9 @@ def build_suites(out_root: Path, seed: int, per_task: int, exclude_prompts: Iter
         (stage / "utils.py").write_text(UTILS_PY)
         (stage / MANIFEST).write_text(json.dumps({
             "version": version, "seed": seed, "per_task": per_task, "counts": counts, "dropped": dropped,
-            "tasks": {t.name: {"kind": t.kind, "bucket": t.bucket, "description": t.description} for t in TASKS},
+            "frozen_version": "heldout-" + frozen_digest.hexdigest()[:12],
+            "tasks": {t.name: {"kind": t.kind, "bucket": t.bucket, "description": t.description, "frozen": t.frozen}
+                      for t in TASKS},
         }, indent=2, sort_keys=True))
         if final.exists():
             shutil.rmtree(stage)
