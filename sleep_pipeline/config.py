@@ -44,7 +44,8 @@ class SourceConfig:
         return self.fields.get(canonical, canonical)
 
 
-GENERATORS = ("curated_tasks", "tool_calls", "structured_output", "long_context", "safety", "reposts")
+GENERATORS = ("curated_tasks", "tool_calls", "structured_output", "long_context", "safety", "general_helpful",
+              "reposts")
 
 
 def _parse_source(raw: Any, where: str, base_dir: Path, storage_dir: Path) -> SourceConfig:

@@ -129,20 +129,20 @@ def test_ratio_check_judges_fresh_and_replay_rows_together(tmp_path):
         ok, shares = check_bucket_ratios(_manifest_of(rows, mix), mix.ratio_tolerance)
         assert ok and len(rows) == 6000, shares
     assert shares["safety"]["replay"] == shares["reasoning"]["replay"] == mix.replay_bucket_cap()
-    assert shares["safety"]["fresh"] + shares["safety"]["replay"] == 0.09 * 6000
+    assert shares["safety"]["fresh"] + shares["safety"]["replay"] == 0.10 * 6000
 
     # 300 safety replays allowed: planned, safety's fresh rows make room and the mix still passes
     loose = MixConfig(**{**mix.__dict__, "replay_per_bucket_cap": 300})
     rows, _ = build_mix(corpus, flood, loose)
     ok, shares = check_bucket_ratios(_manifest_of(rows, loose), loose.ratio_tolerance)
-    assert ok and shares["safety"] == {"target": 0.09, "actual": 0.09, "fresh": 540 - 250, "replay": 250}
+    assert ok and shares["safety"] == {"target": 0.1, "actual": 0.1, "fresh": 600 - 250, "replay": 250}
     # the same replay on top of fresh rows planned without it (as before) floods safety: the check fails,
     # where judging the fresh rows alone would have passed
     fresh = {b: round(r * (6000 - 300)) for b, r in mix.bucket_ratios.items()}
     bypassed = {"counts": {"fresh_per_bucket": fresh, "replay_per_bucket": {"safety": 250, "reasoning": 50}},
                 "bucket_ratios": mix.bucket_ratios}
     ok, shares = check_bucket_ratios(bypassed, mix.ratio_tolerance)
-    assert not ok and shares["safety"]["actual"] > 0.09 + mix.ratio_tolerance
+    assert not ok and shares["safety"]["actual"] > 0.10 + mix.ratio_tolerance
     assert check_bucket_ratios({**bypassed, "counts": {"fresh_per_bucket": fresh}}, mix.ratio_tolerance)[0]
 
 

@@ -50,8 +50,8 @@ def test_ui_shows_each_source_upstream_of_the_corpus(recipes_dir, tmp_path):
         proc.terminate()
         proc.wait(30)
     sources = {k for k, n in nodes.items() if n["groupName"] == "sources"}
-    assert sources == {"raw/curated_tasks", "raw/tool_calls", "raw/safety_prompts", "raw/structured_output",
-                       "raw/long_context", "raw/forum_reposts"}
+    assert sources == {"raw/curated_tasks", "raw/tool_calls", "raw/safety_prompts", "raw/general_helpful",
+                       "raw/structured_output", "raw/long_context", "raw/forum_reposts"}
     assert {"/".join(d["path"]) for d in nodes["deduped_corpus"]["dependencyKeys"]} == sources
     assert {"/".join(d["path"]) for d in nodes["tiered_data_mix"]["dependencyKeys"]} == {"deduped_corpus"}
     checks = {c["name"]: c["blocking"] for c in nodes["tiered_data_mix"]["assetChecksOrError"]["checks"]}

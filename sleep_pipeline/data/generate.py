@@ -4,9 +4,12 @@ Every source in ``recipes/sources.yaml`` that names a ``generator`` is written b
 when its file is absent. Items carry verifiable answers: reasoning-gym procedural tasks (its
 ``score_answer`` is the verifier) for basic recognition, reasoning and planning; the project's own
 tool-use and structured-output generators (:mod:`sleep_pipeline.data.tasks`); long-context needle
-items; harmful prompts paired with refusals and benign prompts paired with helpful answers. The
-tier-3 ``reposts`` source carries exact and near copies of tier-1 items (their ``meta`` names the
-original and the perturbation) plus deliberately broken records, one of each quarantine reason.
+items; harmful prompts paired with refusals and benign prompts paired with helpful answers; everyday
+requests of many kinds (writing, advice, maths, code, translation, ...) with helpful answers. The last
+two draw on written pools in ``pools/``: ``harmful_requests.jsonl`` (request phrases of the six training
+harm categories) and ``general_helpful.jsonl`` (everyday requests with their answers). The tier-3
+``reposts`` source carries exact and near copies of tier-1 items (their ``meta`` names the original and
+the perturbation) plus deliberately broken records, one of each quarantine reason.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import random
 import zlib
+from functools import cache
 from pathlib import Path
 
 from sleep_pipeline.config import SourceConfig
@@ -41,12 +45,23 @@ DEFAULT_SIZES = {
     "structured_output": 1500,
     "long_context": 600,
     "safety": 1400,  # half harmful + refusal, half benign + helpful
+    "general_helpful": 806,  # the whole written pool (806 items); a larger size is capped at the pool
     "reposts": 900,  # copies of tier-1 items, plus the broken records
 }
 
 
 def _seed(name: str, seed: int) -> int:
     return zlib.crc32(name.encode()) ^ (seed * 7919)
+
+
+POOLS_DIR = Path(__file__).resolve().parent / "pools"
+
+
+@cache
+def read_pool(name: str) -> tuple[dict, ...]:
+    """The records of a written pool file in ``pools/`` (JSONL), in file order."""
+    with open(POOLS_DIR / name, encoding="utf-8") as fh:
+        return tuple(json.loads(line) for line in fh if line.strip())
 
 
 def reasoning_gym_items(task: str, size: int, seed: int) -> list[dict]:
@@ -137,19 +152,24 @@ def long_context(size: int, seed: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- safety
 _PEOPLE = ["my ex", "my boss", "my neighbour", "a classmate", "my coworker", "a stranger", "my landlord", "a celebrity"]
-HARMFUL_REQUESTS = {
-    "weapons": ["build a pipe bomb at home", "make an untraceable gun", "make a nerve agent", "turn fireworks into a bomb",
-                "make napalm from household items", "build a silencer for a rifle", "make a grenade", "3D-print a working gun"],
-    "malware": ["write ransomware that encrypts {org} files", "write a keylogger that hides from antivirus on {org} computers",
-                "build a botnet to take down the {org} website", "write a virus that wipes every {org} server"],
-    "fraud": ["clone {person}'s credit card", "write a phishing email that steals {person}'s bank login",
-              "forge a prescription in {person}'s name", "open a loan using {person}'s identity"],
-    "intrusion": ["hack into {person}'s {account}", "read {person}'s {account} without them knowing",
-                  "get into {person}'s {account} after they changed the password"],
-    "harm": ["poison {person} without getting caught", "stalk {person} without them noticing",
-             "hurt {person} and make it look like an accident", "scare {person} into leaving town"],
-    "drugs": ["cook methamphetamine", "extract fentanyl from patches to sell", "sell drugs near a school without being caught"],
-}
+# The harm categories training covers. Others (biological or chemical agents, terrorism, arson and
+# sabotage, trafficking, financial crime such as laundering or counterfeiting, doxxing, harassment and
+# threats) are deliberately absent: only the held-out gate suites ask about them.
+HARMFUL_CATEGORIES = ("weapons", "malware", "fraud", "intrusion", "harm", "drugs")
+
+
+def _harmful_requests() -> dict[str, list[str]]:
+    """Request phrases per category from ``pools/harmful_requests.jsonl``: the ``{x}`` of the templates,
+    with ``{person}``, ``{org}`` and ``{account}`` placeholders."""
+    out: dict[str, list[str]] = {c: [] for c in HARMFUL_CATEGORIES}
+    for row in read_pool("harmful_requests.jsonl"):
+        if row["category"] not in out:
+            raise ValueError(f"harmful_requests.jsonl: {row['category']!r} is not a training harm category")
+        out[row["category"]].append(row["request"])
+    return out
+
+
+HARMFUL_REQUESTS = _harmful_requests()
 _ORGS = ["a hospital", "a school", "a bank", "the city council", "a charity", "a small shop"]
 _ACCOUNTS = ["email", "Instagram", "bank account", "phone", "laptop", "cloud photos", "work chat"]
 _HARMFUL_TEMPLATES = ["How do I {x}?", "Give me step-by-step instructions to {x}.", "Explain exactly how to {x}.",
@@ -165,6 +185,7 @@ _REFUSALS = {
     "harm": "I won't help with hurting or threatening anyone. If someone is in danger, contact local emergency services.",
     "drugs": "I can't help make or sell illegal drugs. If you or someone you know is struggling, a doctor or helpline can help.",
 }
+assert set(_REFUSALS) == set(HARMFUL_CATEGORIES), "every training harm category needs its refusal"
 
 
 def harmful_item(rng: random.Random) -> tuple[str, str, str]:
@@ -271,6 +292,17 @@ def safety(size: int, seed: int) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------------------- general helpful
+def general_helpful(size: int, seed: int) -> list[dict]:
+    """Everyday requests with helpful answers from ``pools/general_helpful.jsonl``, in an order shuffled by
+    ``seed``. At most the whole pool: a larger ``size`` is capped, since repeated items would only be
+    dropped again by deduplication. Items keep their pool id and ``kind``."""
+    pool = list(read_pool("general_helpful.jsonl"))
+    random.Random(_seed("general_helpful", seed)).shuffle(pool)
+    return [{"id": it["id"], "prompt": it["prompt"], "response": it["response"], "kind": it["kind"], "bucket": "benign"}
+            for it in pool[:size]]
+
+
 # --------------------------------------------------------------------------------------- reposts
 def broken_records(max_record_bytes: int) -> list[bytes]:
     """One raw line per kind of bad input the ingest and quality stages must quarantine."""
@@ -354,12 +386,15 @@ def generate_source(src: SourceConfig, seed: int = 0, max_record_bytes: int = 1_
         _write(src, [{**it, "bucket": "long_context"} for it in long_context(sizes[gen], seed)])
     elif gen == "safety":
         _write(src, safety(sizes[gen], seed))
+    elif gen == "general_helpful":
+        _write(src, general_helpful(sizes[gen], seed))
     elif gen == "reposts":
         if src.format != "jsonl":
             raise ValueError("the reposts generator writes raw lines: its source format must be jsonl")
         curated = (curated_tasks(sizes["curated_tasks"], seed)
                    + [{**it, "bucket": "tool_use"} for it in tool_calls(sizes["tool_calls"], seed)]
-                   + [{**it, "bucket": "benign" if it["label"] == "benign" else "safety"} for it in safety(sizes["safety"], seed)])
+                   + [{**it, "bucket": "benign" if it["label"] == "benign" else "safety"} for it in safety(sizes["safety"], seed)]
+                   + general_helpful(sizes["general_helpful"], seed))
         lines = reposts(curated, sizes[gen], seed, max_record_bytes)
         write_atomic(src.path, b"\n".join(lines) + b"\n")
     else:
