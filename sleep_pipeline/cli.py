@@ -158,6 +158,19 @@ def cmd_gate_override(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from sleep_pipeline.importer import import_model
+
+    home = _home(args)
+    res = import_model(Path(args.path), home / "sleep.duckdb", home / "models", name=args.name,
+                       gguf_file=args.gguf_file, log=None if args.quiet else stderr_log)
+    cand = res.candidate
+    what = "imported" if res.created else "already imported, nothing written:"
+    print(f"{what} {args.path} -> candidate {cand.short} (phase {cand.phase}, {res.seconds:.1f} s)")
+    print(f"candidate: {cand.candidate_id}\npath: {cand.path}\nalias: {res.alias}\nbase model: {cand.base_model}")
+    return 0
+
+
 def _home_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="storage dir (default: $SLEEP_PIPELINE_HOME or ./.sleep_pipeline)")
 
@@ -216,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--reason", required=True)
     _home_arg(go)
     go.set_defaults(func=cmd_gate_override)
+
+    im = sub.add_parser("import", help="Import a local GGUF file or Hugging Face model directory as a candidate.")
+    im.add_argument("path", help="a .gguf file, a directory holding one, or a Hugging Face model directory")
+    im.add_argument("--gguf-file", help="the GGUF file inside PATH (a directory) to import")
+    im.add_argument("--name", help="alias name: the model is reachable as STORAGE/models/NAME "
+                                   "(default: the file name without its quantisation suffix)")
+    im.add_argument("--quiet", action="store_true", help="no progress lines")
+    _home_arg(im)
+    im.set_defaults(func=cmd_import)
     return parser
 
 

@@ -15,7 +15,7 @@ import yaml
 from resources.deepspeed import DeepSpeedClusterResource, free_port
 from sleep_pipeline.checkpoint import verify_checkpoint
 from sleep_pipeline.config import RecipeError
-from sleep_pipeline.train.modeling import load_pretrained
+from sleep_pipeline.train.modeling import CHAT_TEMPLATE, load_pretrained, load_tokenizer, read_jsonl, row_messages
 from sleep_pipeline.train.recipe import load_train_recipe
 from sleep_pipeline.train.runtime import EXIT_BAD_INPUT, resolve_start
 from sleep_pipeline.train.shm import run_segments, sweep_stale_segments
@@ -116,6 +116,82 @@ def test_bad_recipes_name_the_field(tmp_path):
         bad.write_text(yaml.safe_dump(recipe))
         with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
             load_train_recipe(bad)
+
+
+# ------------------------------------------------------------------------- the model's own template
+# SmolLM2-135M-Instruct's own chat template (as its GGUF file carries it): ChatML, no {% generation %}
+# markers, the word "generation" only in add_generation_prompt
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_model_dir(path: Path, rows: list[dict], template: str | None) -> Path:
+    """A local Hugging Face directory: a tiny Llama and a BPE tokenizer trained on ``rows``, with
+    ``template`` as its chat template ("project" = the project's own tokenizer and template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from sleep_pipeline.train.modeling import train_tokenizer
+    from sleep_pipeline.train.recipe import TokenizerSpec
+
+    texts = [f"{r['prompt']} {r['response']}" for r in rows]
+    if template == "project":
+        tok = train_tokenizer(texts, TokenizerSpec(vocab_size=400))
+    else:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        bpe.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                      pad_token="<|im_end|>", unk_token="<|endoftext|>")
+        tok.chat_template = template
+    tok.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("template,end", [(CHATML_TEMPLATE, "<|im_end|>\n"), ("project", "<|eos|>")],
+                         ids=["chatml-without-markers", "project-template"])
+def test_loss_covers_the_answer_and_its_end_token_with_the_models_own_template(tmp_path, small_mix, template, end):
+    """A template without generation markers is kept, and the loss still covers only the answers."""
+    from sleep_pipeline.gate.evaluate import load_for_eval
+    from sleep_pipeline.train.sft import build_trainer
+
+    rows = read_jsonl(small_mix / "train.jsonl")[:12]
+    model_dir = tiny_model_dir(tmp_path / "model", rows, template)
+    tok = load_tokenizer(model_dir)
+    assert tok.chat_template == (CHAT_TEMPLATE if template == "project" else CHATML_TEMPLATE)
+    assert load_for_eval(model_dir)[1].chat_template == tok.chat_template  # the gate renders prompts the same way
+    trainer = build_trainer(
+        load_pretrained(model_dir, tok), tok, rows, rows[:4],
+        dict(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True),
+        max_length=2048)
+    for example, row in zip(trainer.train_dataset, rows):
+        ids, labels = example["input_ids"], example["labels"]
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        assert all(label != -100 for label in labels[first:]), "the loss mask is one span at the end"
+        assert tok.decode(ids[first:]) == row["response"] + end  # the answer and its end-of-turn token
+        prompt = tok.apply_chat_template(row_messages(row)[:-1], tokenize=False, add_generation_prompt=True)
+        assert tok.decode(ids[:first]) == prompt  # nothing of the prompt is trained on
+    result = trainer.train()
+    assert trainer.state.global_step == 3 and result.training_loss == result.training_loss  # ran, loss not NaN
+
+
+def test_only_a_tokenizer_without_a_chat_template_gets_the_projects(tmp_path, small_mix):
+    rows = read_jsonl(small_mix / "train.jsonl")[:12]
+    model_dir = tiny_model_dir(tmp_path / "model", rows, None)
+    assert load_tokenizer(model_dir).chat_template == CHAT_TEMPLATE
 
 
 # ---------------------------------------------------------------------------------- worker runs

@@ -1,9 +1,12 @@
 """Model and tokenizer factory: a local Hugging Face directory, or a small Llama built from a config
 with a byte-level BPE tokenizer trained locally on the training texts. Nothing is downloaded.
 
-The chat template wraps assistant turns in ``{% generation %}`` markers, so trl's assistant-only loss
-trains on answers only. Mix rows become ``messages`` (system, user, assistant) here, in one place,
-for training and (later) evaluation alike.
+Mix rows become chat messages here, in one place, for training and evaluation alike. Training feeds
+them to trl as a conversational prompt/completion pair (:func:`row_prompt_completion`): the loss
+covers the tokens the chat template renders after the prompt (the answer and its end-of-turn
+token), whatever the template looks like, so a model keeps its own chat template. Only a tokenizer
+without any chat template gets the project's :data:`CHAT_TEMPLATE` (its ``{% generation %}``
+markers are not needed for that loss; they stay so the template renders as it always did).
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def row_messages(row: dict) -> list[dict]:
     return messages
 
 
+def row_prompt_completion(row: dict) -> dict:
+    """A mix row as trl's conversational prompt/completion example: the loss covers the completion."""
+    *prompt, answer = row_messages(row)
+    return {"prompt": prompt, "completion": [answer]}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -64,13 +73,13 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec):
 
 
 def load_tokenizer(path: Path):
+    """The tokenizer of a local directory with its own chat template; one without a template gets ours."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not tok.chat_template or "generation" not in tok.chat_template:
-        # Assistant-only loss needs the generation markers; a model without them gets ours.
+    if not tok.chat_template:
         tok.chat_template = CHAT_TEMPLATE if tok.bos_token else CHAT_TEMPLATE.replace("{{ bos_token }}", "")
     return tok
 

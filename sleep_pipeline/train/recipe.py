@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from sleep_pipeline.recipe_checks import (RecipeError, check_keys, fail, get, in
                                           section, stable_hash)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STORAGE = "{storage}"  # in model.path: the storage directory
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 MODEL_CONFIG_KEYS = {
     "architecture", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -19,7 +21,7 @@ MODEL_CONFIG_KEYS = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    path: Path | None = None  # a local Hugging Face causal-LM directory ...
+    path: Path | None = None  # a local Hugging Face causal-LM directory (an alias resolved to its target) ...
     config: dict[str, Any] | None = None  # ... or a Llama config to build from
 
 
@@ -96,7 +98,14 @@ class TrainRecipe:
         return cfg
 
 
-def load_train_recipe(path: str | Path) -> TrainRecipe:
+def default_storage_dir() -> Path:
+    """The storage directory when none is given: ``$SLEEP_PIPELINE_HOME``, else ``./.sleep_pipeline``."""
+    return Path(os.environ.get("SLEEP_PIPELINE_HOME") or Path.cwd() / ".sleep_pipeline")
+
+
+def load_train_recipe(path: str | Path, storage_dir: str | Path | None = None) -> TrainRecipe:
+    """The recipe at ``path``. ``{storage}`` in ``model.path`` is ``storage_dir`` (default
+    :func:`default_storage_dir`), e.g. ``{storage}/models/NAME`` for a model imported under NAME."""
     path = Path(path).resolve()
     raw = read_yaml(path)
     with in_file(path):
@@ -105,10 +114,12 @@ def load_train_recipe(path: str | Path) -> TrainRecipe:
         if ("path" in m) == ("config" in m):
             raise fail("model", "give exactly one of `path` (a local model directory) or `config` (a model config file)")
         if "path" in m:
-            model_dir = Path(get(m, "path", "model", str)).expanduser()
+            given = get(m, "path", "model", str)
+            model_dir = Path(given.replace(STORAGE, str(storage_dir or default_storage_dir()))).expanduser()
             model_dir = model_dir if model_dir.is_absolute() else (path.parent / model_dir)
             if not (model_dir / "config.json").exists():
-                raise fail("model.path", f"{model_dir} is not a Hugging Face model directory (no config.json)")
+                hint = " (put a model there with `sleep-pipeline import`)" if STORAGE in given else ""
+                raise fail("model.path", f"{model_dir} is not a Hugging Face model directory (no config.json){hint}")
             model = ModelSpec(path=model_dir.resolve())
         else:
             cfg_path = path.parent / get(m, "config", "model", str)

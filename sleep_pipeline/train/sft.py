@@ -4,8 +4,9 @@
         --data-dir MIX_DIR --run-dir RUN_DIR --out-root CHECKPOINTS --data-version dv-... \\
         [--init-from MODEL_DIR_OR_CANDIDATE_ID --db sleep_pipeline.duckdb] [--resume auto|required|never]
 
-Trains on ``MIX_DIR/train.jsonl`` with assistant-only loss (answers only, through the chat template's
-generation markers) and validation loss on ``MIX_DIR/validation.jsonl``. Everything around the
+Trains on ``MIX_DIR/train.jsonl`` with the loss on the answers only (each row is a conversational
+prompt/completion pair rendered by the model's own chat template; the completion is what the template
+renders after the prompt) and validation loss on ``MIX_DIR/validation.jsonl``. Everything around the
 trainer -- ranks, progress, resume points, the time limit, the starting model and publishing the
 checkpoint with its lineage -- is :mod:`sleep_pipeline.train.runtime`'s.
 """
@@ -19,27 +20,29 @@ from sleep_pipeline.train.runtime import RunContext, WorkerError, main
 PHASE = "learn"
 
 
-def train_sft(ctx: RunContext) -> dict:
+def build_trainer(model, tokenizer, train_rows: list[dict], val_rows: list[dict], training_arguments: dict,
+                  max_length: int, peft_config=None):
+    """trl's SFTTrainer on mix rows as conversational prompt/completion pairs, loss on the completion."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from sleep_pipeline.train.modeling import row_messages
+    from sleep_pipeline.train.modeling import row_prompt_completion
 
+    train_ds = Dataset.from_list([row_prompt_completion(r) for r in train_rows])
+    val_ds = Dataset.from_list([row_prompt_completion(r) for r in val_rows]) if val_rows else None
+    args = SFTConfig(**training_arguments, max_length=max_length, completion_only_loss=True, dataset_num_proc=None)
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      processing_class=tokenizer, peft_config=peft_config)
+
+
+def train_sft(ctx: RunContext) -> dict:
     train_rows, val_rows = ctx.rows("train"), ctx.rows("validation")
     if not train_rows:
         raise WorkerError(f"{ctx.data_dir / 'train.jsonl'} is empty")
     tokenizer = ctx.tokenizer(lambda: (f"{r.get('system', '')} {r['prompt']} {r['response']}" for r in train_rows))
     model = ctx.model(tokenizer)
-    train_ds = Dataset.from_list([{"messages": row_messages(r)} for r in train_rows])
-    val_ds = Dataset.from_list([{"messages": row_messages(r)} for r in val_rows]) if val_rows else None
-    args = SFTConfig(
-        **ctx.training_arguments(evaluate=val_ds is not None),
-        max_length=ctx.recipe.training.max_seq_len,
-        assistant_only_loss=True,
-        dataset_num_proc=None,
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, peft_config=ctx.peft_config())
+    trainer = build_trainer(model, tokenizer, train_rows, val_rows, ctx.training_arguments(evaluate=bool(val_rows)),
+                            ctx.recipe.training.max_seq_len, ctx.peft_config())
     facts = ctx.train(trainer)
     return ctx.publish(trainer, tokenizer, {**facts, "assistant_only_loss": True})
 
