@@ -1,6 +1,6 @@
 """``sleep-pipeline`` command line.
 
-    sleep-pipeline dedup IN.jsonl --out DIR [--threshold 0.7] [--num-perm 128] [--shingle-size 3]
+    sleep-pipeline dedup IN.jsonl --out DIR [--threshold 0.8] [--num-perm 128] [--shingle-size 5]
 
 reads one JSON object per line (a ``text`` field, optional ``id`` and ``tier``), applies the quality
 filters and exact + near deduplication, and writes ``kept.jsonl``, ``duplicates.jsonl`` (each
@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shingle-size", type=int, default=DedupConfig.shingle_size)
     d.add_argument("--seed", type=int, default=DedupConfig.seed)
     d.add_argument("--boilerplate-doc-share", type=float, default=DedupConfig.boilerplate_doc_share,
-                   help="ignore shingles found in more than this share of documents (template text)")
+                   help="template text: ignore shingles found in the `prompt` of more than this share of records "
+                        "(a `text` is always compared in full)")
     d.add_argument("--default-tier", type=int, default=1, choices=(1, 2, 3))
     d.add_argument("--min-chars", type=int, default=QualityConfig.min_chars)
     d.add_argument("--max-chars", type=int, default=QualityConfig.max_chars)

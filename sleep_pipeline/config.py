@@ -107,12 +107,13 @@ class QualityConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    threshold: float = 0.7  # Jaccard similarity of word shingles at which two texts are near-duplicates
+    threshold: float = 0.8  # Jaccard similarity of word shingles at which two texts are near-duplicates
     num_perm: int = 128
-    shingle_size: int = 3
+    shingle_size: int = 5  # words per shingle
     seed: int = 1
     bands: int | None = None  # LSH bands; None picks them from threshold and num_perm
-    # Shingles found in more than this share of documents are template text and not compared.
+    # Shingles found in the request part (prompt) of more than this share of documents are template
+    # text and not compared; the answer and plain documents are always compared in full. 1.0: never.
     boilerplate_doc_share: float = 0.01
 
     def lsh_bands(self) -> tuple[int, int]:

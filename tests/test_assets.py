@@ -64,13 +64,13 @@ def test_every_asset_materialises_in_process(recipes_dir, storage):
     corpus_meta = result.asset_materializations_for_node("deduped_corpus")[0].metadata
     n_in, kept = corpus_meta["records_in"].value, corpus_meta["kept"].value
     assert n_in == kept + corpus_meta["quarantined"].value + corpus_meta["duplicates"].value
-    assert corpus_meta["quarantined"].value >= 12  # every planted broken record
+    assert corpus_meta["quarantined"].value >= 13  # every planted broken record
 
     db = duckdb.connect(str(storage / "sleep.duckdb"), read_only=True)
     # Every broken record kind is in quarantine with its line number.
     reasons = {r for (r,) in db.execute("SELECT DISTINCT reason FROM quarantine").fetchall()}
     assert reasons >= {"invalid_json", "invalid_utf8", "empty", "oversized", "not_an_object", "missing_field",
-                       "bad_field_type", "unknown_bucket", "too_short", "repetitive", "garbage"}
+                       "bad_field_type", "unknown_bucket", "too_short", "repetitive", "garbage", "invalid_unicode"}
     assert db.execute("SELECT count(*) FROM quarantine WHERE line_no IS NULL OR reason IS NULL").fetchone()[0] == 0
     # Planted reposts: removed in favour of their tier-1 original.
     planted = db.execute("""

@@ -35,9 +35,18 @@ def test_dedup_bench_smoke(tmp_path):
     assert report["corpus"]["docs"] == 2000
     for side in ("ours", "naive_datasketch", "rensa"):
         assert report[side]["docs_per_s"] > 0 and len(report[side]["seconds"]) == 1
-        assert report[side]["recall"] is not None and report[side]["precision"] is not None
+    assert report["ours"]["recall"] is not None and report["ours"]["precision"] is not None
+    for side in ("naive_datasketch", "rensa"):
+        assert report[side]["candidate_pair_recall"] is not None
+    # both corpora, each against the previous defaults in the same run
+    real = report["real_text"]
+    assert real["documents"] > 0 and real["true_pairs"] > 0 and real["from"]["site_packages_licences"] > 0
+    for side in ("ours", "previous_defaults"):
+        assert real[side]["recall"] is not None and real[side]["precision"] is not None
+        assert report["templated"][side]["distinct_merged"] >= 0
+    assert report["generated_previous_defaults"]["recall"] is not None
     assert report["speedup_vs_naive"] > 0 and report["ours_vs_rensa"] > 0
-    assert isinstance(report["pass"], bool)
+    assert isinstance(report["pass"], bool) and set(report["checks"]) >= {"real_text_recall", "real_text_precision"}
 
 
 def test_gate_bench_smoke(tmp_path):

@@ -1,4 +1,5 @@
-"""Near-duplicate removal: distinct items survive, planted copies go, the trusted copy stays."""
+"""Near-duplicate removal: distinct items survive, planted copies go, the trusted copy stays; real
+documents that share most of their text are found, templated items with different content are not."""
 
 import random
 import zlib
@@ -6,6 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
+from bench import real_corpus
 from sleep_pipeline.config import DedupConfig
 from sleep_pipeline.data.dedup import dedup, normalize_text, normalize_texts, shingle
 from sleep_pipeline.data.perturb import perturb
@@ -19,7 +21,7 @@ def _doc(rng: random.Random, n: int = 60) -> str:
     return " ".join(rng.choice(WORDS) + rng.choice(["", "", "", ",", "."]) for _ in range(n)).capitalize()
 
 
-def _jaccard(a: str, b: str, k: int = 3) -> float:
+def _jaccard(a: str, b: str, k: int = DedupConfig.shingle_size) -> float:
     sets = shingle(normalize_texts([a, b]), k)
     return sets.jaccard(0, 1)
 
@@ -77,6 +79,79 @@ def test_templated_items_with_different_content_are_not_duplicates():
     result = dedup(texts, None, DedupConfig())
     distinct = len({normalize_text(t) for t in texts})
     assert result.kept.sum() == distinct
+
+
+LONG_INSTRUCTIONS = (
+    "Your task is to sort words in ascending or descending order using ASCII ordering. Compare the words "
+    "character by character: the word whose first differing character has the smaller code comes first, and a "
+    "word that is a prefix of another comes before it. Upper-case letters come before lower-case ones. Your "
+    "output should be a comma-separated list of words, for example word one, word two, word three. Do not add "
+    "any explanation, numbering or quotes, and keep every word exactly as it is written. ")
+
+
+def _templated_items(n: int = 300) -> tuple[list[str], list[str]]:
+    """(prompts, prompt + answer texts): instructions so long that two items with different words
+    are near duplicates by the Jaccard similarity of their whole texts."""
+    rng = random.Random(5)
+    prompts, texts, seen = [], [], set()
+    while len(texts) < n:
+        words = rng.sample(WORDS, 3)
+        if frozenset(words) in seen:
+            continue
+        seen.add(frozenset(words))
+        order = rng.choice(["ascending", "descending"])
+        prompt = LONG_INSTRUCTIONS + f"Now sort these words in {order} order: " + ", ".join(words)
+        prompts.append(prompt)
+        texts.append(prompt + "\n" + ", ".join(sorted(words, reverse=order == "descending")))
+    return prompts, texts
+
+
+def test_template_text_in_requests_does_not_make_items_duplicates_but_reposts_still_go():
+    prompts, texts = _templated_items()
+    assert _jaccard(texts[0], texts[1]) >= DedupConfig.threshold  # by whole text they would be duplicates
+    # Compared as plain documents, the shared instructions make them near duplicates ...
+    assert dedup(texts, None, DedupConfig()).kept.sum() < len(texts) / 2
+    # ... but given as the request part, text that many items repeat there is template, not content.
+    result = dedup(texts, None, DedupConfig(), requests=prompts)
+    assert result.kept.all() and result.stats["boilerplate_shingles"] > 0
+
+    # Reposts of templated items (tier 3, listed first) are still removed in favour of their original.
+    rng = random.Random(8)
+    kinds = ["exact", "recase", "noise"] * 20
+    copies = [perturb(prompts[i], kind, rng) for i, kind in enumerate(kinds)]
+    answers = [t.split("\n", 1)[1] for t in texts[: len(kinds)]]
+    all_texts = [c + "\n" + a for c, a in zip(copies, answers)] + texts
+    result = dedup(all_texts, [3] * len(copies) + [1] * len(texts), DedupConfig(), requests=copies + prompts)
+    assert not result.kept[: len(copies)].any()
+    assert result.duplicate_of[: len(copies)].tolist() == [len(copies) + i for i in range(len(copies))]
+    assert result.kept[len(copies):].all()
+
+
+def test_real_documents_sharing_a_licence_text_are_near_duplicates():
+    """Licence and copyright files installed on this machine (not written by this project): the same
+    licence with other copyright lines is a near duplicate, by exact Jaccard of word 5-grams >= 0.8."""
+    corpus = real_corpus.build(max_docs=250)
+    truth = real_corpus.true_pairs(corpus.texts)
+    assert len(truth) >= 100, f"too few true near-duplicate pairs to measure: {len(truth)} ({corpus.origin})"
+    result = dedup(corpus.texts, None, DedupConfig())
+    s = real_corpus.scores(corpus.texts, result.kept, result.duplicate_of, result.cluster, truth)
+    assert s["recall"] >= 0.95 and s["precision"] >= 0.95, s
+
+
+def test_a_removed_document_is_a_near_duplicate_of_its_kept_copy_not_of_a_chain():
+    # a ~ b and b ~ c, but a and c are not alike: c must not be removed as a copy of a.
+    rng = random.Random(11)
+    base = [rng.choice(WORDS) for _ in range(60)]
+    a = base
+    b = base[:50] + [rng.choice(WORDS) for _ in range(5)] + base[55:]
+    c = base[:40] + [rng.choice(WORDS) for _ in range(5)] + base[45:50] + b[50:55] + base[55:]
+    texts = [" ".join(x) for x in (a, b, c)]
+    sims = [_jaccard(texts[0], texts[1]), _jaccard(texts[1], texts[2]), _jaccard(texts[0], texts[2])]
+    cfg = DedupConfig(threshold=min(sims[:2]))
+    assert sims[2] < cfg.threshold
+    result = dedup(texts, None, cfg)
+    assert result.kept.tolist() == [True, False, True]
+    assert result.duplicate_of[1] == 0 and result.similarity[1] >= cfg.threshold
 
 
 def test_lsh_bands_favour_recall():

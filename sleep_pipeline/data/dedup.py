@@ -1,11 +1,18 @@
 """Exact and near-duplicate removal with MinHash LSH, vectorised over the whole corpus.
 
 Texts are normalised (NFKC, case-folded, punctuation removed, whitespace collapsed); exact duplicates
-share a normalised text. Near duplicates are found with MinHash signatures of word shingles and an LSH
-band index; every candidate pair is then checked with the *exact* Jaccard similarity of the shingle
-sets, so the LSH only decides which pairs are worth checking. Duplicates form clusters (connected
-components); each cluster keeps its most trusted copy (lowest tier, then earliest) and records every
-other member with ``duplicate_of``.
+share a normalised text. Near duplicates are found with MinHash signatures of word shingles (5 words
+by default) and an LSH band index; every candidate pair is then checked with the *exact* Jaccard
+similarity of the shingle sets, so the LSH only decides which pairs are worth checking. Documents are
+then taken most trusted first (lowest tier, then earliest): each one that no earlier kept document
+claimed is kept and claims its unclaimed verified near duplicates, which record it as
+``duplicate_of``. Every removed document is thus a verified near duplicate of its kept copy.
+
+Template text is looked for only where a caller says it may be: the request part of a record (its
+prompt). Shingles that many records repeat there (the instructions of a procedural task) are left out
+of the comparison, so items that differ only in their instance stay distinct. Everything else, and
+every plain document, is compared in full: in real documents the text many of them share (a licence)
+is what makes them near duplicates.
 
 The signatures are ``datasketch`` MinHashes (its "affine32" permutation scheme, with the
 permutations taken from ``datasketch.MinHash`` itself), but computed on columns: pyarrow string
@@ -24,8 +31,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from sleep_pipeline.config import DedupConfig
 from sleep_pipeline.progress import LogFn, Progress
@@ -34,6 +39,7 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 _SHINGLES_PER_CHUNK = 1 << 16
 DATASKETCH_SCHEME = "affine32"
 _MAX_RUN_ALL_PAIRS = 64  # larger LSH buckets are linked as a star + chain instead of all pairs
+_MAX_LSH_ROUNDS = 8  # LSH passes over the still-kept documents when a bucket was too large
 
 
 # ------------------------------------------------------------------------------- normalisation
@@ -138,17 +144,28 @@ def shingle(normalized: pa.Array, k: int) -> ShingleSets:
     return ShingleSets(values=values, offsets=offsets)
 
 
-def drop_boilerplate(sets: ShingleSets, max_doc_share: float, min_docs: int = 50) -> tuple[ShingleSets, int]:
-    """The shingle sets without boilerplate: a shingle found more than ``max_doc_share`` of the
-    document count times (and at least ``min_docs`` times) is template text, e.g. the instructions
-    every item of a procedural task repeats; comparing on it would make distinct items look alike.
-    A document made only of boilerplate keeps all its shingles. Returns the new sets and the number
-    of distinct boilerplate shingles. (Occurrences are counted with a hash table, not a sort.)"""
+def drop_boilerplate(
+    sets: ShingleSets, max_doc_share: float, min_docs: int = 50, where: ShingleSets | None = None
+) -> tuple[ShingleSets, int]:
+    """The shingle sets without template text. A shingle is template text when more than
+    ``max_doc_share`` of the documents (and at least ``min_docs`` of them) hold it in ``where``: the
+    part of each document that may be a template, e.g. the request of a procedural task, which every
+    item of the task repeats around its own instance (default: the whole document). Comparing on such
+    text would make distinct items look alike. A document made only of template text keeps all its
+    shingles. Returns the new sets and the number of distinct template shingles."""
     n = sets.offsets.size - 1
-    codes, uniques = pd.factorize(sets.values)
-    counts = np.bincount(codes)
-    cutoff = max(max_doc_share * n, min_docs)
-    keep = counts[codes] <= cutoff
+    where = sets if where is None else where
+    if max_doc_share >= 1.0 or n == 0:
+        return sets, 0
+    # Document frequency: each (document, shingle) counted once, with a hash table rather than a sort.
+    doc_of_where = np.repeat(np.arange(n), np.diff(where.offsets))
+    codes, uniques = pd.factorize(where.values)
+    pairs = pd.unique(doc_of_where.astype(np.int64) * max(len(uniques), 1) + codes)
+    doc_freq = np.bincount(pairs % max(len(uniques), 1), minlength=len(uniques))
+    template = uniques[doc_freq > max(max_doc_share * n, min_docs)]
+    if template.size == 0:
+        return sets, 0
+    keep = ~np.isin(sets.values, template)
     lengths = np.diff(sets.offsets)
     doc_of = np.repeat(np.arange(n), lengths)
     kept_per_doc = np.bincount(doc_of[keep], minlength=n)
@@ -156,7 +173,7 @@ def drop_boilerplate(sets: ShingleSets, max_doc_share: float, min_docs: int = 50
     per_doc = np.bincount(doc_of[keep], minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(per_doc, out=offsets[1:])
-    return ShingleSets(values=sets.values[keep], offsets=offsets), int((counts > cutoff).sum())
+    return ShingleSets(values=sets.values[keep], offsets=offsets), int(template.size)
 
 
 # --------------------------------------------------------------------------------------- minhash
@@ -240,10 +257,12 @@ def _pairs_in_runs(order: np.ndarray, run_starts: np.ndarray, run_sizes: np.ndar
     return np.sort(pairs, axis=1)
 
 
-def lsh_candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Unique pairs of documents that share at least one LSH band."""
+def lsh_candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> tuple[np.ndarray, bool]:
+    """Unique pairs of documents that share at least one LSH band, and whether that is all of them
+    (False when a bucket was too large to pair up fully; see ``_MAX_RUN_ALL_PAIRS``)."""
     n = sig.shape[0]
     all_pairs = []
+    complete = True
     for band in range(bands):
         cols = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
         key = np.full(n, (band * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
@@ -258,11 +277,12 @@ def lsh_candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
         multi = run_sizes >= 2
         if multi.any():
             all_pairs.append(_pairs_in_runs(order, run_starts[multi], run_sizes[multi]))
+            complete &= bool(run_sizes.max() <= _MAX_RUN_ALL_PAIRS)
     if not all_pairs:
-        return np.empty((0, 2), dtype=np.int64)
+        return np.empty((0, 2), dtype=np.int64), complete
     pairs = np.concatenate(all_pairs)
     code = np.unique(pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([code // n, code % n], axis=1)
+    return np.stack([code // n, code % n], axis=1), complete
 
 
 # ------------------------------------------------------------------------------------- results
@@ -296,15 +316,107 @@ def _best_in_group(labels: np.ndarray, tiers: np.ndarray) -> np.ndarray:
     return best
 
 
+def star_clusters(n: int, edges: np.ndarray, tiers: np.ndarray) -> np.ndarray:
+    """The kept document of each document, from verified near-duplicate ``edges``: documents are taken
+    best first (lowest tier, then lowest index); one that no earlier kept document claimed is kept and
+    claims its unclaimed neighbours. So every removed document is a verified near duplicate of the
+    copy it points at (connected components would chain A~B~C and remove C as a copy of A however
+    unlike they are), and no two kept documents form a verified pair."""
+    rep = np.arange(n, dtype=np.int64)
+    if len(edges) == 0:
+        return rep
+    both = np.concatenate([edges, edges[:, ::-1]])
+    both = both[np.lexsort((both[:, 1], both[:, 0]))]
+    indptr = np.searchsorted(both[:, 0], np.arange(n + 1))
+    neighbours = both[:, 1]
+    claimed = np.zeros(n, dtype=bool)
+    linked = np.unique(both[:, 0])
+    for d in linked[np.lexsort((linked, tiers[linked]))]:
+        if claimed[d]:
+            continue
+        claimed[d] = True
+        nb = neighbours[indptr[d] : indptr[d + 1]]
+        nb = nb[~claimed[nb]]
+        claimed[nb] = True
+        rep[nb] = d
+    return rep
+
+
+def _request_sets(requests: Sequence[str], docs: np.ndarray, k: int) -> ShingleSets:
+    """Shingle sets of the request parts of ``docs``; an empty request has no shingles."""
+    norm = normalize_texts([requests[i] for i in docs])
+    sets = shingle(norm, k)
+    has_words = (norm.to_numpy(zero_copy_only=False) != "").astype(np.int64)
+    per_doc = np.diff(sets.offsets) * has_words
+    offsets = np.zeros(docs.size + 1, dtype=np.int64)
+    np.cumsum(per_doc, out=offsets[1:])
+    keep = np.repeat(has_words.astype(bool), np.diff(sets.offsets))
+    return ShingleSets(values=sets.values[keep], offsets=offsets)
+
+
+def _near_duplicates(sets: ShingleSets, sig: np.ndarray, tiers: np.ndarray, config: DedupConfig,
+                     log: LogFn | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(kept document of each, verified edges, their Jaccard, counts). LSH candidates are checked
+    with the exact Jaccard of the sets, then :func:`star_clusters` picks the kept documents. Where an
+    LSH bucket was too large to pair up fully, two kept documents may never have been compared: the
+    LSH runs again on the kept documents alone (smaller buckets), until no new pair is verified."""
+    m = sets.offsets.size - 1
+    bands, rows = config.lsh_bands()
+    members = np.arange(m)
+    checked = np.empty(0, dtype=np.int64)  # pair codes i * m + j already compared
+    edges, jacs = [np.empty((0, 2), dtype=np.int64)], [np.empty(0)]
+    counts = {"candidate_pairs": 0, "lsh_rounds": 0}
+    rep = np.arange(m, dtype=np.int64)
+    for _ in range(_MAX_LSH_ROUNDS):
+        counts["lsh_rounds"] += 1
+        local, complete = lsh_candidate_pairs(sig[members], bands, rows)
+        cand = members[local]
+        codes = cand[:, 0] * m + cand[:, 1]
+        fresh = ~np.isin(codes, checked)
+        cand, checked = cand[fresh], np.union1d(checked, codes)
+        counts["candidate_pairs"] += len(cand)
+        # Cheap signature estimate first; only plausible pairs get the exact set comparison.
+        est = (sig[cand[:, 0]] == sig[cand[:, 1]]).mean(axis=1) if len(cand) else np.empty(0)
+        plausible = cand[est >= max(config.threshold - 0.2, 0.0)]
+        verify = Progress("dedup: verify candidate pairs", len(plausible), log)
+        jac = np.empty(len(plausible), dtype=np.float64)
+        for idx, (i, j) in enumerate(plausible):
+            jac[idx] = sets.jaccard(int(i), int(j))
+            if idx % 4096 == 0:
+                verify.update(idx)
+        verify.finish()
+        near = jac >= config.threshold
+        edges.append(plausible[near])
+        jacs.append(jac[near])
+        if not near.any():
+            break
+        rep = star_clusters(m, np.concatenate(edges), tiers)
+        if complete:
+            break
+        members = np.flatnonzero(rep == np.arange(m))
+    return rep, np.concatenate(edges), np.concatenate(jacs), counts
+
+
 def dedup(
     texts: Sequence[str],
     tiers: Sequence[int] | None,
     config: DedupConfig,
     log: LogFn | None = None,
+    requests: Sequence[str] | None = None,
 ) -> DedupResult:
-    """Find exact and near duplicates among ``texts`` (index order breaks ties between equal tiers)."""
+    """Find exact and near duplicates among ``texts`` (index order breaks ties between equal tiers).
+
+    ``requests``: per text, the part of it that may be template text (for a request / answer record,
+    its prompt; ``""`` for a plain document). Shingles that more than ``config.boilerplate_doc_share``
+    of the documents hold in their request are template text and left out of the comparison, so
+    procedural items that repeat long instructions around different instances stay distinct. Text
+    outside the requests is always compared in full: in real documents, the text that many documents
+    share is exactly what makes them near duplicates (the same licence with other copyright lines).
+    ``None``: no text has a request part, every text is compared in full."""
     n = len(texts)
     tiers_arr = np.asarray(tiers if tiers is not None else np.ones(n), dtype=np.int64)
+    if requests is not None and len(requests) != n:
+        raise ValueError(f"dedup: {len(requests)} requests for {n} texts")
     if n == 0:
         empty = np.empty(0, dtype=np.int64)
         return DedupResult(np.empty(0, bool), empty, [], np.empty(0, np.float32), empty, stats={"docs": 0})
@@ -327,33 +439,18 @@ def dedup(
 
     # Near duplicates among the exact-dedup survivors.
     sets = shingle(normalized.take(pa.array(survivors)), config.shingle_size)
-    sets, n_boilerplate = drop_boilerplate(sets, config.boilerplate_doc_share)
+    n_boilerplate = 0
+    if requests is not None:
+        where = _request_sets(requests, survivors, config.shingle_size)
+        sets, n_boilerplate = drop_boilerplate(sets, config.boilerplate_doc_share, where=where)
     progress = Progress("dedup: minhash", survivors.size, log)
     sig = minhash_signatures(sets, config.num_perm, config.seed, progress)
     progress.finish()
     bands, rows = config.lsh_bands()
-    cand = lsh_candidate_pairs(sig, bands, rows)
-    # Cheap signature estimate first; only plausible pairs get the exact set comparison.
-    est = (sig[cand[:, 0]] == sig[cand[:, 1]]).mean(axis=1) if cand.size else np.empty(0)
-    plausible = cand[est >= max(config.threshold - 0.2, 0.0)]
-    verify = Progress("dedup: verify candidate pairs", len(plausible), log)
-    jac = np.empty(len(plausible), dtype=np.float32)
-    for idx, (i, j) in enumerate(plausible):
-        jac[idx] = sets.jaccard(int(i), int(j))
-        if idx % 4096 == 0:
-            verify.update(idx)
-    verify.finish()
-    near = jac >= config.threshold
-    local_edges = plausible[near]
-
     m = survivors.size
-    graph = coo_matrix(
-        (np.ones(len(local_edges), dtype=np.int8), (local_edges[:, 0], local_edges[:, 1])), shape=(m, m)
-    )
-    _, comp = connected_components(graph, directed=False)
-    near_best_local = _best_in_group(comp, tiers_arr[survivors])
+    near_best_local, local_edges, edge_jac, counts = _near_duplicates(sets, sig, tiers_arr[survivors], config, log)
 
-    # Compose: every document -> its exact representative -> that one's near-cluster representative.
+    # Compose: every document -> its exact representative -> that one's near representative.
     rep_of_survivor = np.arange(n, dtype=np.int64)
     rep_of_survivor[survivors] = survivors[near_best_local]
     cluster = rep_of_survivor[exact_best]
@@ -378,12 +475,12 @@ def dedup(
         "near_duplicates": int(sum(k == "near" for k in kind)),
         "lsh_bands": bands,
         "lsh_rows": rows,
-        "candidate_pairs": int(len(cand)),
+        **counts,
         "verified_pairs": int(len(local_edges)),
         "shingles": int(sets.values.size),
         "boilerplate_shingles": n_boilerplate,
     }
     return DedupResult(
         kept=kept, duplicate_of=duplicate_of, kind=kind, similarity=similarity, cluster=cluster,
-        edges=edges, edge_jaccard=jac[near], stats=stats,
+        edges=edges, edge_jaccard=edge_jac.astype(np.float32), stats=stats,
     )

@@ -319,6 +319,7 @@ def broken_records(max_record_bytes: int) -> list[bytes]:
         json.dumps({"prompt": "", "response": "?", "bucket": "benign"}).encode(),  # too short
         json.dumps({"prompt": "Buy now!", "response": " ".join(["Buy cheap watches now, best prices guaranteed."] * 12), "bucket": "benign"}).encode(),  # repetitive
         json.dumps({"prompt": "Decode", "response": "\ufffd\x07\x01\ufffd\ufffd\x02\x03ab\ufffd\x05\x06\ufffd", "bucket": "benign"}).encode(),  # garbage
+        json.dumps({"prompt": "Half a pair \ud800 here", "response": "ok", "bucket": "benign"}).encode(),  # lone surrogate escape
     ]
 
 

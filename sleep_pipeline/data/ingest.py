@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,10 +19,14 @@ from typing import Any, Iterator
 from sleep_pipeline.config import BUCKETS, QualityConfig, SourceConfig
 
 INGEST_REASONS = (
-    "invalid_utf8", "invalid_json", "not_an_object", "empty", "oversized", "missing_field",
+    "invalid_utf8", "invalid_json", "invalid_unicode", "not_an_object", "empty", "oversized", "missing_field",
     "bad_field_type", "unknown_bucket", "duplicate_id", "unsupported_file",
 )
 EXCERPT_CHARS = 200
+# JSON may spell half of a UTF-16 surrogate pair on its own ("\\ud800"): valid JSON, but the string it
+# decodes to cannot be encoded as UTF-8, so no later stage (Arrow, DuckDB, a UTF-8 file) could store it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SourceError(RuntimeError):
@@ -86,6 +91,31 @@ def _raw_units(src: SourceConfig) -> Iterator[tuple[int, str, Any]]:
         raise SourceError(f"source {src.name!r}: unknown format {src.format!r}")
 
 
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where a decoded JSON value holds a lone surrogate, as a detail naming the field (``text``,
+    ``meta.note``, ``tags[2]``, or a key), else None."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        if m is None:
+            return None
+        return (f"field {path or '(the value)'!r} holds a lone surrogate U+{ord(m.group()):04X} at character "
+                f"{m.start()} (an escape that is half of a UTF-16 pair; such text cannot be encoded as UTF-8)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _SURROGATE.search(str(key)):
+                return f"a key of {path or 'the object'!r} holds a lone surrogate: {ascii(key)}"
+            found = lone_surrogate(item, where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = lone_surrogate(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def content_sha256(src: SourceConfig) -> str:
     h = hashlib.sha256()
     paths = sorted(p for p in src.path.iterdir() if p.is_file()) if src.path.is_dir() else [src.path]
@@ -141,6 +171,10 @@ def read_source(src: SourceConfig, quality: QualityConfig) -> IngestResult:
                     reject(line_no, "invalid_json", f"{exc.msg} at column {exc.colno}", text)
                     continue
                 raw = text
+                surrogate = lone_surrogate(obj) if _SURROGATE_ESCAPE.search(text) else None
+                if surrogate:
+                    reject(line_no, "invalid_unicode", surrogate, text)
+                    continue
         if not isinstance(obj, dict):
             reject(line_no, "not_an_object", f"a JSON {type(obj).__name__}, expected an object", raw)
             continue
