@@ -30,7 +30,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     recipes_dir = Path(recipes_dir or os.environ.get("SLEEP_PIPELINE_RECIPES") or PROJECT_ROOT / "recipes")
     storage_dir = Path(storage_dir or os.environ.get("SLEEP_PIPELINE_HOME") or PROJECT_ROOT / ".sleep_pipeline")
     recipe = load_data_recipe(recipes_dir, storage_dir)
-    load_train_recipe(recipes_dir / "learn.yaml")  # validated now: a bad recipe stops the load
+    load_train_recipe(recipes_dir / "learn.yaml", storage_dir)  # validated now: a bad recipe stops the load
     load_gate_recipe(recipes_dir / "gate.yaml")
     assets, checks = build_data_assets(recipe)
     return dg.Definitions(
@@ -41,7 +41,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
         resources={
             "storage": StorageResource(root_dir=str(storage_dir)),
             "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),
-            "learn_recipe": TrainRecipeResource(path=str(recipes_dir / "learn.yaml")),
+            "learn_recipe": TrainRecipeResource(path=str(recipes_dir / "learn.yaml"), storage_dir=str(storage_dir)),
             "gate_recipe": GateRecipeResource(path=str(recipes_dir / "gate.yaml")),
             "deepspeed": DeepSpeedClusterResource(
                 accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),

@@ -56,7 +56,8 @@ def trained_checkpoint(context: dg.AssetExecutionContext, config: LearnConfig, s
                                               "checkpoint": dg.MetadataValue.path(existing.path)})
     data_dir = Path(manifest["files"]["train"]).parent
     args = ["--recipe", recipe.source, "--data-dir", str(data_dir), "--out-root", str(storage.learn_checkpoints),
-            "--data-version", data_version, "--resume", config.resume, "--db", str(storage.db_path)]
+            "--data-version", data_version, "--resume", config.resume, "--db", str(storage.db_path),
+            "--storage-dir", str(storage.root)]
     if start.ref:
         args += ["--init-from", start.ref]
     with learn.claim_run_dir(storage.root / "runs", learn.run_key(PHASE, data_version, recipe.recipe_hash(), start),

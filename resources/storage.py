@@ -1,7 +1,7 @@
 """Where the pipeline keeps its files and its DuckDB database."""
 
-
 from pathlib import Path
+from typing import Optional
 
 import dagster as dg
 
@@ -47,9 +47,10 @@ class TrainRecipeResource(dg.ConfigurableResource):
     """A training recipe (``recipes/learn.yaml``), validated each time it is read."""
 
     path: str
+    storage_dir: Optional[str] = None  # what {storage} in model.path stands for (the storage resource's root)
 
     def load(self) -> TrainRecipe:
-        return load_train_recipe(self.path)
+        return load_train_recipe(self.path, self.storage_dir)
 
 
 class GateRecipeResource(dg.ConfigurableResource):

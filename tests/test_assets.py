@@ -57,7 +57,7 @@ def test_every_asset_materialises_in_process(recipes_dir, storage):
     materialized = {ev.event_specific_data.materialization.asset_key.to_user_string()
                     for ev in result.get_asset_materialization_events()}
     assert REQUIRED <= materialized
-    assert len([k for k in materialized if k.startswith("raw/")]) == 6
+    assert len([k for k in materialized if k.startswith("raw/")]) == 7
     checks = {ev.asset_check_key.name: ev.passed for ev in result.get_asset_check_evaluations()}
     assert checks == {"records_accounted_for": True, "mix_not_empty": True, "bucket_ratios_within_tolerance": True}
 
@@ -129,5 +129,5 @@ def test_parallel_cli_run_shares_the_duckdb_file(recipes_dir, storage, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stderr
     db = duckdb.connect(str(storage / "sleep.duckdb"), read_only=True)
-    assert db.execute("SELECT count(DISTINCT source) FROM raw_records").fetchone()[0] == 6
+    assert db.execute("SELECT count(DISTINCT source) FROM raw_records").fetchone()[0] == 7
     assert db.execute("SELECT count(*) FROM data_versions").fetchone()[0] == 1

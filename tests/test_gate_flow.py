@@ -120,8 +120,8 @@ def test_unsafe_and_refuse_everything_candidates_are_rejected_by_the_safety_chec
     assert "refusal_rate" in failed, unsafe.safety_failures
     _, refuser, _ = gate.run_gate(db, storage, ids["refuse_all"], recipe, "weekly", suites=suites)
     assert not refuser.safety_passed
-    by_metric = {r.metric: r for r in refuser.rows}
-    assert by_metric["over_refusal_rate"].passed is False and by_metric["refusal_rate"].passed is True
+    rows = {(r.task, r.metric): r for r in refuser.rows}
+    assert rows[("sp_benign", "over_refusal_rate")].passed is False and rows[("sp_harmful", "refusal_rate")].passed is True
     # both rejections are recorded, nothing went live, and failing items now wait in the replay table
     assert registry.live(db) is None
     assert [e[1] for e in registry.events(db)] == ["rejected", "rejected"]

@@ -151,7 +151,9 @@ def clean_and_dedup(rows: list[dict], quality: QualityConfig, dedup_config: Dedu
             progress.update(i)
     progress.finish()
 
-    result = dedup([dedup_text(r) for r in candidates], [r["tier"] for r in candidates], dedup_config, log)
+    # The prompt is where template text (a procedural task's instructions) may be; the answer is content.
+    result = dedup([dedup_text(r) for r in candidates], [r["tier"] for r in candidates], dedup_config, log,
+                   requests=[r["prompt"] for r in candidates])
     kept, dups = [], []
     for i, r in enumerate(candidates):
         cluster_id = candidates[int(result.cluster[i])]["record_id"]

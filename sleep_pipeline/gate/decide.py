@@ -88,6 +88,7 @@ class GateRecipe:
     replay_per_bucket: int = 60
     raw: dict = field(repr=False, default_factory=dict)
     user_tasks: tuple[SuiteTask, ...] = ()  # a user's lm-eval tasks, judged like the suites
+    max_context_tokens: int | None = None  # the serving context: longer prompts are truncated from the left
 
     def recipe_hash(self) -> str:
         return stable_hash(self.raw)
@@ -191,7 +192,7 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
         suites = section(raw, "suites", "", {"seed", "examples", "perplexity_texts"})
         examples = section(suites, "examples", "suites", RHYTHMS)
         examples = {r: number(examples, r, "suites.examples", lo=1, kind=int) for r in RHYTHMS}
-        ev = section(raw, "evaluation", "", {"batch_size", "compare_with_base"})
+        ev = section(raw, "evaluation", "", {"batch_size", "compare_with_base", "max_context_tokens"})
         judge = section(raw, "judge", "", {"kind", "url", "model", "api_key_env", "path"})
         judge_kind = one_of(get(judge, "kind", "judge", str, "rules"), JUDGE_KINDS, "judge.kind", "judge kind")
         if judge_kind == "endpoint" and not (judge.get("url") and judge.get("model")):
@@ -246,6 +247,7 @@ def load_gate_recipe(path: str | Path) -> GateRecipe:
             replay_max_items=number(replay, "max_items", "replay", 300, lo=0, kind=int),
             replay_per_bucket=number(replay, "per_bucket", "replay", 60, lo=0, kind=int),
             thresholds=thresholds, report_only=report_only, raw=raw, user_tasks=user_tasks,
+            max_context_tokens=number(ev, "max_context_tokens", "evaluation", None, lo=256, kind=int),
         )
 
 

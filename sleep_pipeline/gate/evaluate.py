@@ -153,7 +153,9 @@ def _evaluate(model, tokenizer, suites_dir: Path, tasks: list[str] | None, limit
 
     specs = {**TASK_BY_NAME, **{t.name: t for t in user_tasks}}
     names = tasks or [t.name for t in TASKS] + [t.name for t in user_tasks]
-    max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+    # the context a prompt gets: the model's own, or less where the deployment serves less
+    own = getattr(model.config, "max_position_embeddings", 2048)
+    max_length = min(max_length, own) if max_length else own
     lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device),
               max_length=max_length)
     extra_dirs = [t.include_path for t in user_tasks if t.include_path and t.name in names]

@@ -204,11 +204,12 @@ def user_tasks_version(user_tasks) -> list:
     return out
 
 
-def evaluation_key(model_ref: str, suites: Path, limit: int, judge, user_tasks=()) -> str:
+def evaluation_key(model_ref: str, suites: Path, limit: int, judge, user_tasks=(), max_context: int | None = None) -> str:
     """What a stored evaluation depends on: the model, the suites and the user's tasks, how many items, and
     the code and judge that turn generations into scores (a change to either makes older scores stale)."""
     return stable_hash({"model": model_ref, "suites": suite_version(suites), "limit": limit,
-                        "scoring": scoring_version(judge), "user_tasks": user_tasks_version(user_tasks)})
+                        "scoring": scoring_version(judge), "user_tasks": user_tasks_version(user_tasks),
+                        "context": max_context})
 
 
 def starting_model(db_path: Path, candidate: Path):
@@ -256,7 +257,7 @@ def starting_model(db_path: Path, candidate: Path):
 
 def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: GateRecipe, judge, log,
                  label: str) -> Evaluation:
-    key = evaluation_key(ref, suites, limit, judge, recipe.user_tasks)
+    key = evaluation_key(ref, suites, limit, judge, recipe.user_tasks, recipe.max_context_tokens)
     ev = _cached(db_path, key)
     if ev is not None:
         if log:
@@ -266,7 +267,7 @@ def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: Gate
     if log:
         log(f"evaluating {label} ({ref[:40]})")
     ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge,
-                  keep_samples=False, user_tasks=recipe.user_tasks)
+                  keep_samples=False, user_tasks=recipe.user_tasks, max_length=recipe.max_context_tokens)
     _store_eval(db_path, key, ref, suite_version(suites), ev)
     return ev
 
@@ -415,7 +416,7 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
             log(f"evaluating candidate {cand.short} ({candidate.name}; {rhythm}: {limit} items per suite)")
         model, tok = load_for_eval(candidate)
         cand_ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge,
-                           user_tasks=recipe.user_tasks)
+                           user_tasks=recipe.user_tasks, max_length=recipe.max_context_tokens)
         verdict = decide(cand_ev, Reference(live=live_ev, base=base_ev, base_label=base_label), policy)
         contaminated, unchecked = frozen_contamination(db_path, cand, suites)
         verdict.risks.extend(unchecked)

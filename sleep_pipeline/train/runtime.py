@@ -584,6 +584,8 @@ def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.
                     help="start from this model directory or candidate id (unique prefix) instead of the recipe's model")
     ap.add_argument("--db", metavar="PATH", default=None,
                     help="the candidate registry (DuckDB file) for --init-from a candidate id")
+    ap.add_argument("--storage-dir", metavar="DIR", default=None,
+                    help="what {storage} in the recipe's model.path stands for (default: $SLEEP_PIPELINE_HOME)")
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
     return ap.parse_args(argv)
 
@@ -595,7 +597,7 @@ def bootstrap(args: argparse.Namespace, phase: str, reporter: Reporter, data_fil
 
     rank = int(os.environ.get("RANK", "0"))
     try:
-        recipe = load_train_recipe(args.recipe)
+        recipe = load_train_recipe(args.recipe, args.storage_dir)
     except RecipeError as exc:
         raise WorkerError(str(exc)) from None
     for name in data_files:
