@@ -105,3 +105,15 @@ def test_anything_but_plain_greedy_goes_to_transformers(lm):
         assert not is_plain_greedy(model, {"do_sample": False})
     finally:
         model.generation_config.repetition_penalty = None
+
+
+def test_generated_blocks_of_different_lengths_stack_into_one_batch():
+    # long prompts are generated a few rows at a time; a block whose answers all stopped early is
+    # narrower than one whose answers ran on (this crashed the gate once: "Sizes of tensors must match")
+    import torch
+
+    from sleep_pipeline.gate.evaluate import stack_right_padded
+
+    short, long = torch.ones(2, 5, dtype=torch.long), torch.full((3, 9), 7, dtype=torch.long)
+    out = stack_right_padded([short, long], pad_id=0)
+    assert out.shape == (5, 9) and out[:2, 5:].eq(0).all() and out[:2, :5].eq(1).all() and out[2:].eq(7).all()

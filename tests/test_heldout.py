@@ -150,3 +150,14 @@ def test_long_jailbreak_prompts_are_truncated_to_the_context_and_counted(tmp_pat
     # every template once; the long role-play ones (thousands of words) cannot fit 512 positions
     assert ev.scores["ho_jailbreak"]["trigger_rate"].n == len(templates)
     assert ev.truncated["ho_jailbreak"] >= sum(t["long"] for t in templates)
+
+
+def test_a_procedural_item_is_contaminated_only_by_its_own_instance():
+    # a maze drawn in symbols: without them every maze reads like the same instructions (this flagged
+    # a frozen maze as seen in training once)
+    def maze(grid: str) -> str:
+        return f"Navigate from '~' (start) to '<' (goal):\n```\n{grid}\n```\nWhat is the minimum number of steps?"
+
+    doc = {"id": "ho-maze-x", "prompt": maze("@@@@\n@~=@\n@=<@\n@@@@"), "meta": json.dumps({"request": maze("@@@@\n@~=@\n@=<@\n@@@@")})}
+    assert heldout.contamination({"ho_reasoning": [doc]}, [maze("----\n-~=-\n-==-\n-<--")]) == {}
+    assert heldout.contamination({"ho_reasoning": [doc]}, ["Solve: " + doc["prompt"]]) == {"ho_reasoning": ["ho-maze-x"]}

@@ -98,10 +98,21 @@ def _lm_class():
             rows = max(1, PREFILL_TOKEN_BUDGET // max(1, context.shape[1]))
             with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                 enabled=self.mixed_precision_dtype is not None):
-                return torch.cat([greedy_generate(self.model, self.tokenizer, context[i:i + rows], mask[i:i + rows],
-                                                  max_length, stop) for i in range(0, len(context), rows)])
+                parts = [greedy_generate(self.model, self.tokenizer, context[i:i + rows], mask[i:i + rows],
+                                         max_length, stop) for i in range(0, len(context), rows)]
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            return stack_right_padded(parts, pad)
 
     return GateLM
+
+
+def stack_right_padded(parts, pad_id: int):
+    """Row blocks of generated ids as one batch: each block ends where its own longest answer ended, so
+    the shorter ones are padded on the right (pad ids decode to nothing)."""
+    import torch
+
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in parts])
 
 
 def _evaluate_task(lm, manager, name: str, limit: int | None, chat: bool) -> dict:

@@ -214,22 +214,33 @@ def docs_for(task: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------- contamination
-def normalise(text: str) -> str:
-    """Lower case, punctuation dropped, whitespace collapsed: what "the same request" ignores."""
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+def normalise(text: str, symbols: bool = False) -> str:
+    """Lower case, whitespace collapsed and (unless ``symbols``) punctuation dropped: what "the same
+    request" ignores. A procedural task's instance is in its symbols (a maze drawn in ``#`` and ``o``,
+    an expression): there they are kept."""
+    text = text.lower() if symbols else re.sub(r"[^\w\s]", " ", text.lower())
+    return re.sub(r"\s+", " ", text).strip()
+
+
+SYMBOLIC_TASKS = ("ho_reasoning", "ho_tool_use")  # compared with their symbols kept
 
 
 def contamination(docs_by_task: dict[str, list[dict]], training_prompts: Iterable[str],
                   min_chars: int = 24) -> dict[str, list[str]]:
     """Per frozen task, the ids of items whose request (normalised, at least ``min_chars`` long) occurs
     inside a training prompt. A request shorter than that is compared for equality only."""
-    prompts = {normalise(p) for p in training_prompts}
-    haystack = "\n".join(prompts)
+    training_prompts = list(training_prompts)
+    views = {}
+    for symbols in (False, True):
+        prompts = {normalise(p, symbols) for p in training_prompts}
+        views[symbols] = (prompts, "\n".join(prompts))
     out: dict[str, list[str]] = {}
     for task, docs in docs_by_task.items():
+        symbols = task in SYMBOLIC_TASKS
+        prompts, haystack = views[symbols]
         hits = []
         for d in docs:
-            request = normalise(json.loads(d["meta"]).get("request") or d["prompt"])
+            request = normalise(json.loads(d["meta"]).get("request") or d["prompt"], symbols)
             if not request:
                 continue
             if (request in prompts) if len(request) < min_chars else (request in haystack):
