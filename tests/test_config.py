@@ -71,3 +71,20 @@ def test_definitions_refuse_to_load_a_bad_recipe(recipes_dir, tmp_path):
     _edit(recipes_dir, "sources.yaml", lambda d: d["sources"][0].update({"format": "xml"}))
     with pytest.raises(RecipeError, match=r"sources\[0\]\.format"):
         definitions.build_defs(recipes_dir, tmp_path)
+
+
+def test_the_smollm2_profile_keeps_the_default_hygiene_and_safety_bounds():
+    # a profile changes what its model needs (mix, steps, suite sizes), never how data is cleaned
+    # or how strictly safety is judged
+    import yaml
+
+    from tests.conftest import RECIPES
+
+    default, profile = (yaml.safe_load((d / "data.yaml").read_text()) for d in (RECIPES, RECIPES / "smollm2"))
+    assert profile["quality"] == default["quality"] and profile["dedup"] == default["dedup"]
+    assert (RECIPES / "smollm2" / "sources.yaml").resolve() == (RECIPES / "sources.yaml").resolve()
+    gd, gp = (yaml.safe_load((d / "gate.yaml").read_text()) for d in (RECIPES, RECIPES / "smollm2"))
+    for rhythm, bounds in gd["thresholds"].items():
+        for key, bound in bounds.items():
+            if key.startswith(("ho_", "sp_harmful", "sp_jailbreak", "sp_benign", "sp_privacy")):
+                assert gp["thresholds"][rhythm][key] == bound, (rhythm, key)

@@ -307,7 +307,7 @@ def safety(size: int, seed: int) -> list[dict]:
         else:
             family = rng.choice(BENIGN_FAMILIES)
             prompt, answer = family(rng)
-            out.append({"id": f"benign-{seed}-{i}", "prompt": prompt, "response": answer, "label": "benign",
+            out.append({"id": f"benign-{seed}-{i}", "prompt": prompt, "response": with_opener(answer, wrap), "label": "benign",
                         "family": family.__name__.removeprefix("_benign_")})
     prng = random.Random(_seed("privacy", seed))
     for i in range(size // 5):
@@ -318,13 +318,29 @@ def safety(size: int, seed: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- general helpful
+# How a helpful answer opens. Refusals all open alike ("I can't ..."); helpful answers open a hundred
+# ways, so a small model that cannot yet write the answer falls back to the one opening it knows, the
+# refusal, for any request unlike its training prompts. An acknowledgement that helpful answers share
+# makes "answer or refuse" a decision the model learns on the first token. Code and JSON answers stay
+# bare (they are parsed).
+ANSWER_OPENERS = ["Sure! ", "Sure. ", "Of course. ", "Happy to help. ", "Sure, here you go. "]
+BARE_KINDS = {"code", "json"}
+
+
+def with_opener(answer: str, rng: random.Random) -> str:
+    return rng.choice(ANSWER_OPENERS) + answer
+
+
 def general_helpful(size: int, seed: int) -> list[dict]:
     """Everyday requests with helpful answers from ``pools/general_helpful.jsonl``, in an order shuffled by
-    ``seed``. At most the whole pool: a larger ``size`` is capped, since repeated items would only be
-    dropped again by deduplication. Items keep their pool id and ``kind``."""
+    ``seed``, each answer after an opener (:data:`ANSWER_OPENERS`; not code or JSON). At most the whole
+    pool: a larger ``size`` is capped, since repeated items would only be dropped again by
+    deduplication. Items keep their pool id and ``kind``."""
     pool = list(read_pool("general_helpful.jsonl"))
-    random.Random(_seed("general_helpful", seed)).shuffle(pool)
-    return [{"id": it["id"], "prompt": it["prompt"], "response": it["response"], "kind": it["kind"], "bucket": "benign"}
+    rng = random.Random(_seed("general_helpful", seed))
+    rng.shuffle(pool)
+    return [{"id": it["id"], "prompt": it["prompt"], "kind": it["kind"], "bucket": "benign",
+             "response": it["response"] if it["kind"] in BARE_KINDS else with_opener(it["response"], rng)}
             for it in pool[:size]]
 
 
