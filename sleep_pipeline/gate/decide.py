@@ -324,6 +324,16 @@ def failed_checks(result) -> list[str]:
     return [kind for kind in (CAPABILITY, SAFETY) if not getattr(result, f"{kind}_passed")]
 
 
+def _stderr_of(score: Score) -> float:
+    """The score's standard error; for a share measured as exactly 0 or 1 (a standard error of 0), that
+    of half an item either way, so "worse beyond noise" never means "worse by a single item" on a few."""
+    stderr = 0.0 if score.stderr is None or math.isnan(score.stderr) else score.stderr
+    if stderr == 0.0 and score.n and 0.0 <= score.value <= 1.0:
+        p = min(max(score.value, 0.5 / score.n), 1.0 - 0.5 / score.n)
+        return math.sqrt(p * (1.0 - p) / score.n)
+    return stderr
+
+
 def _combined(a: float | None, b: float | None) -> float:
     vals = [x for x in (a, b) if x is not None and not math.isnan(x)]
     return math.sqrt(sum(x * x for x in vals))
@@ -378,7 +388,7 @@ def decide(candidate: Evaluation, reference: Reference, policy: Policy) -> Verdi
             cmp = ref.scores.get(task.name, {}).get(m.name) if ref else None
             if cmp is not None and not math.isnan(cmp.value):
                 row.ref, row.ref_stderr = cmp.value, cmp.stderr
-                row.noise = recipe.noise_z * _combined(s.stderr, cmp.stderr)
+                row.noise = recipe.noise_z * _combined(_stderr_of(s), _stderr_of(cmp))
                 row.regressed = row.worse_by > row.noise
             if row.regressed and task.kind != PERPLEXITY:
                 msg = (f"{task.name}/{m.name} regressed vs {ref_label}: {fmt(row.ref)} -> {fmt(s.value)} "

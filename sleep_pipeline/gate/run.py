@@ -455,6 +455,8 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
             added = replay.feed(db_path, report_id, failing_items(cand_ev.samples), recipe.replay_max_items,
                                 recipe.replay_per_bucket)
             if log:
+                for line in report.failures:
+                    log(f"gate failure: {line}")
                 log(f"gate failed: {sum(added.values())} failing items added to {replay.REPLAY_TABLE} "
                     f"({', '.join(f'{b} {n}' for b, n in sorted(added.items())) or 'none new'})")
         write_card(report, verdict, decision, "candidate")
