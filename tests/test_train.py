@@ -277,6 +277,73 @@ def test_lora_on_a_local_model_directory(tmp_path, small_mix):
     assert manifest["validation_loss"] <= manifest["initial_validation_loss"]
 
 
+def test_own_answers_replace_the_chosen_buckets_answers_with_the_starting_models(tmp_path, small_mix):
+    """Rows of the chosen bucket train on the starting model's own greedy answers: both ranks answer their
+    share, every chosen row (and no other) is answered, the manifest counts what was used, and the answers
+    are the model's own (the same greedy decoding run here gives the same text)."""
+    from sleep_pipeline.gate.evaluate import load_for_eval
+    from sleep_pipeline.train.own_answers import ANSWERS_FILE, _generate
+
+    base_out = tmp_path / "base"
+    first = launch(_worker_args(tiny_recipe(tmp_path, max_steps=6, eval_steps=6, save_steps=6), small_mix,
+                                tmp_path / "run0", base_out), num_gpus=1)
+    assert first.returncode == 0, first.stdout[-3000:]
+    [base] = list(base_out.glob("learn-*"))
+    rows = read_jsonl(small_mix / "train.jsonl")[:40]
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    rows = [{**r, "bucket": "benign" if i % 3 == 0 else "reasoning"} for i, r in enumerate(rows)]
+    (mix / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(small_mix / "validation.jsonl", mix / "validation.jsonl")
+
+    recipe = yaml.safe_load(tiny_recipe(tmp_path, max_steps=2, eval_steps=2, save_steps=2).read_text())
+    recipe["model"] = {"path": str(base)}
+    recipe["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    recipe["own_answers"] = {"buckets": ["benign"], "max_new_tokens": 24}
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = launch(_worker_args(path, mix, tmp_path / "run1", tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "own answers:" in proc.stdout + proc.stderr
+    saved = read_jsonl(tmp_path / "run1" / ANSWERS_FILE)
+    chosen = [i for i, r in enumerate(rows) if r["bucket"] == "benign"]
+    assert [s["index"] for s in saved] == chosen and [s["record_id"] for s in saved] == [rows[i]["record_id"] for i in chosen]
+    [ckpt] = list((tmp_path / "out").glob("learn-*"))
+    counts = verify_checkpoint(ckpt)["own_answers"]
+    assert sum(counts.values()) == len(chosen)
+
+    model, tok = load_for_eval(base)
+    again = _generate(model, tok, [rows[i] for i in chosen[:4]], 24, lambda _msg: None)
+    assert [(s["answer"], s["finished"]) for s in saved[:4]] == again
+
+
+def test_own_answers_keep_the_datas_answer_where_the_model_refuses_or_loops():
+    from sleep_pipeline.gate.judge import RuleJudge
+    from sleep_pipeline.train.own_answers import choose, trim_to_sentence
+
+    judge, row = RuleJudge(), {"prompt": "Give me three tips for learning Spanish."}
+    assert choose(row, "Listen daily, speak early, and review vocabulary.", True, judge) == (
+        "Listen daily, speak early, and review vocabulary.", "own")
+    assert choose(row, "I can't help with that request.", True, judge) == (None, "refused")
+    assert choose(row, "learn the words " * 20, True, judge) == (None, "degenerate")
+    assert choose(row, "  ...  ", True, judge) == (None, "empty")
+    # an answer cut by the token limit ends at its last full sentence; one with no full sentence is not used
+    assert choose(row, "1. Listen daily.\n2. Speak ear", False, judge) == ("1. Listen daily.", "own")
+    assert choose(row, "Listen to podcasts and", False, judge) == (None, "empty")
+    assert trim_to_sentence('He said "hi." Then') == 'He said "hi."'
+
+
+def test_own_answers_need_a_pretrained_model(tmp_path):
+    recipe = yaml.safe_load(tiny_recipe(tmp_path).read_text())
+    recipe["own_answers"] = {"buckets": ["benign"]}
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="own_answers"):
+        load_train_recipe(path)
+    plain = load_train_recipe(tiny_recipe(tmp_path))
+    assert not plain.own_answers.buckets
+
+
 def test_time_limit_stops_saves_and_publishes(tmp_path, small_mix):
     recipe = tiny_recipe(tmp_path, max_steps=100_000, max_time_s=35, eval_steps=100_000, save_steps=100_000)
     proc = launch(_worker_args(recipe, small_mix, tmp_path / "run", tmp_path / "out"))

@@ -60,6 +60,12 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class OwnAnswersSpec:
+    buckets: tuple[str, ...] = ()  # rows of these buckets train on the starting model's own answers
+    max_new_tokens: int = 96
+
+
+@dataclass(frozen=True)
 class TrainRecipe:
     model: ModelSpec
     tokenizer: TokenizerSpec
@@ -67,12 +73,15 @@ class TrainRecipe:
     zero_stage: int = 2
     lora: LoraSpec = field(default_factory=LoraSpec)
     keep_last: int = 3
+    own_answers: OwnAnswersSpec = field(default_factory=OwnAnswersSpec)
     source: str = ""  # the file it was read from
 
     def recipe_hash(self) -> str:
         d = asdict(self)
         d.pop("source")
         d["model"]["path"] = str(d["model"]["path"]) if d["model"]["path"] else None
+        if not self.own_answers.buckets:
+            d.pop("own_answers")  # recipes without the section keep the hash they had before it existed
         return stable_hash(d)
 
     def deepspeed_config(self) -> dict[str, Any]:
@@ -109,7 +118,7 @@ def load_train_recipe(path: str | Path, storage_dir: str | Path | None = None) -
     path = Path(path).resolve()
     raw = read_yaml(path)
     with in_file(path):
-        check_keys(raw, {"model", "tokenizer", "training", "deepspeed", "lora", "keep_last"}, "")
+        check_keys(raw, {"model", "tokenizer", "training", "deepspeed", "lora", "keep_last", "own_answers"}, "")
         m = section(raw, "model", "", {"path", "config"})
         if ("path" in m) == ("config" in m):
             raise fail("model", "give exactly one of `path` (a local model directory) or `config` (a model config file)")
@@ -186,5 +195,14 @@ def load_train_recipe(path: str | Path, storage_dir: str | Path | None = None) -
             target_modules=tuple(get(lr, "target_modules", "lora", list, list(dl.target_modules))),
         )
         keep_last = number(raw, "keep_last", "", 3, lo=1, kind=int)
+        oa = section(raw, "own_answers", "", OwnAnswersSpec)
+        buckets = get(oa, "buckets", "own_answers", list, [])
+        if not all(isinstance(b, str) and b for b in buckets):
+            raise fail("own_answers.buckets", f"must be a list of bucket names, got {buckets!r}")
+        if buckets and "config" in m:
+            raise fail("own_answers", "a model built from a config has no answers of its own to train on; "
+                                      "give model.path (a pretrained model) or remove the section")
+        own_answers = OwnAnswersSpec(buckets=tuple(buckets),
+                                     max_new_tokens=number(oa, "max_new_tokens", "own_answers", 96, lo=8, hi=4096, kind=int))
     return TrainRecipe(model=model, tokenizer=tokenizer, training=training, zero_stage=zero_stage, lora=lora,
-                       keep_last=keep_last, source=str(path))
+                       keep_last=keep_last, own_answers=own_answers, source=str(path))

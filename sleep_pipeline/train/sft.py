@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+from sleep_pipeline.train import own_answers
 from sleep_pipeline.train.runtime import RunContext, WorkerError, main
 
 PHASE = "learn"
@@ -41,10 +42,11 @@ def train_sft(ctx: RunContext) -> dict:
         raise WorkerError(f"{ctx.data_dir / 'train.jsonl'} is empty")
     tokenizer = ctx.tokenizer(lambda: (f"{r.get('system', '')} {r['prompt']} {r['response']}" for r in train_rows))
     model = ctx.model(tokenizer)
+    train_rows, own = own_answers.apply(ctx, model, tokenizer, train_rows)
     trainer = build_trainer(model, tokenizer, train_rows, val_rows, ctx.training_arguments(evaluate=bool(val_rows)),
                             ctx.recipe.training.max_seq_len, ctx.peft_config())
     facts = ctx.train(trainer)
-    return ctx.publish(trainer, tokenizer, {**facts, "assistant_only_loss": True})
+    return ctx.publish(trainer, tokenizer, {**facts, **own, "assistant_only_loss": True})
 
 
 if __name__ == "__main__":
