@@ -331,6 +331,7 @@ def test_own_answers_keep_the_datas_answer_where_the_model_refuses_or_loops():
     assert choose(row, "1. Listen daily.\n2. Speak ear", False, judge) == ("1. Listen daily.", "own")
     assert choose(row, "Listen to podcasts and", False, judge) == (None, "empty")
     assert trim_to_sentence('He said "hi." Then') == 'He said "hi."'
+    assert trim_to_sentence("Use this.\n```python\nimport os\nos.kill(pid") == "Use this."
 
 
 def test_own_answers_need_a_pretrained_model(tmp_path):

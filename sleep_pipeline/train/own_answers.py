@@ -30,9 +30,13 @@ _SENTENCE_END = re.compile(r"(?<![\s\d])[.!?][\"')\]]*(?=\s|$)|\n")  # not the "
 
 
 def trim_to_sentence(text: str) -> str:
-    """``text`` up to the end of its last complete sentence or line ("" when it has none)."""
+    """``text`` up to the end of its last complete sentence or line, outside any code block ("" when it
+    has none)."""
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return text[:ends[-1]].rstrip() if ends else ""
+    text = text[:ends[-1]].rstrip() if ends else ""
+    if text.count("```") % 2:  # cut inside a code block: end before it rather than leave it open
+        return trim_to_sentence(text[:text.rindex("```")])
+    return text
 
 
 def choose(row: dict, answer: str, finished: bool, judge) -> tuple[str | None, str]:
