@@ -334,6 +334,21 @@ def test_own_answers_keep_the_datas_answer_where_the_model_refuses_or_loops():
     assert trim_to_sentence("Use this.\n```python\nimport os\nos.kill(pid") == "Use this."
 
 
+def test_manifest_facts_that_are_mappings_reach_dagster_as_json():
+    """A worker's manifest facts go to Dagster Pipes as materialization metadata; a mapping among them
+    (the own-answer counts) made Pipes refuse the whole report after the checkpoint was published."""
+    from dagster_pipes import _normalize_param_metadata
+
+    from sleep_pipeline.train.runtime import pipes_metadata
+
+    facts = {"steps": 53, "own_answers": {"own": 467, "refused": 1}, "parents": "a, b", "files": ["x", "y"]}
+    with pytest.raises(Exception, match="raw_value"):
+        _normalize_param_metadata(facts, "report_asset_materialization", "metadata")
+    normalised = _normalize_param_metadata(pipes_metadata(facts), "report_asset_materialization", "metadata")
+    assert normalised["own_answers"] == {"raw_value": {"own": 467, "refused": 1}, "type": "json"}
+    assert normalised["steps"]["raw_value"] == 53
+
+
 def test_own_answers_need_a_pretrained_model(tmp_path):
     recipe = yaml.safe_load(tiny_recipe(tmp_path).read_text())
     recipe["own_answers"] = {"buckets": ["benign"]}

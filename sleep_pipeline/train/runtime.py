@@ -52,6 +52,13 @@ class WorkerError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------- reporting
+def pipes_metadata(metadata: dict) -> dict:
+    """``metadata`` as Dagster Pipes takes it: a mapping or list value (which Pipes would take for a
+    malformed typed value and refuse, after the checkpoint is written) travels as JSON metadata."""
+    return {k: {"raw_value": v, "type": "json"} if isinstance(v, (dict, list, tuple)) else v
+            for k, v in metadata.items()}
+
+
 class Reporter:
     """Rank 0 reports to Dagster Pipes (when launched through it) and prints to the terminal."""
 
@@ -82,7 +89,7 @@ class Reporter:
 
     def materialized(self, metadata: dict) -> None:
         if self.pipes:
-            self.pipes.report_asset_materialization(metadata=metadata)
+            self.pipes.report_asset_materialization(metadata=pipes_metadata(metadata))
 
     def close(self) -> None:
         self._stack.close()
