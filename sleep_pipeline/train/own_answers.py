@@ -95,7 +95,7 @@ def apply(ctx, model, tokenizer, rows: list[dict]) -> tuple[list[dict], dict]:
     """``rows`` with the answers of ``ctx.recipe.own_answers.buckets`` rows replaced by the starting
     model's own, and the counts for the manifest. Each rank answers its share; every rank gets all."""
     from sleep_pipeline.gate.judge import RuleJudge
-    from sleep_pipeline.train.runtime import _barrier, _dist
+    from sleep_pipeline.train.runtime import WorkerError, _barrier, _dist
 
     spec = ctx.recipe.own_answers
     if not spec.buckets:
@@ -137,7 +137,7 @@ def apply(ctx, model, tokenizer, rows: list[dict]) -> tuple[list[dict], dict]:
     for item in saved:
         i = item["index"]
         if i not in chosen or rows[i].get("record_id") != item["record_id"]:
-            raise RuntimeError(f"{path} does not belong to this run's rows (row {i}); remove it to answer again")
+            raise WorkerError(f"{path} does not belong to this run's rows (row {i}); remove it to answer again")
         answer, why = choose(rows[i], item["answer"], item["finished"], judge)
         counts[why] = counts.get(why, 0) + 1
         if answer is not None:
