@@ -58,12 +58,11 @@ def _generate(model, tokenizer, rows: list[dict], max_new_tokens: int, report) -
     """Greedy answers to ``rows`` (chat-templated like the gate's prompts), with whether each finished."""
     import torch
 
-    from sleep_pipeline.gate.generation import greedy_generate
+    from sleep_pipeline.gate.generation import _eos_ids, greedy_generate
     from sleep_pipeline.train.modeling import row_messages
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    eos = {i for i in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if i is not None}
-    out: list[tuple[str, bool]] = []
+    eos = _eos_ids(model, tokenizer)  # what greedy_generate stops on; finished rows are padded after it
     was_training = model.training
     model.eval()
     started = time.monotonic()
@@ -84,11 +83,10 @@ def _generate(model, tokenizer, rows: list[dict], max_new_tokens: int, report) -
             done = min(b + BATCH, len(order))
             rate = done / max(1e-9, time.monotonic() - started)
             report(f"own answers: {done}/{len(order)} rows, eta {round((len(order) - done) / rate):,}s")
-        out = [answers[i] for i in range(len(rows))]
+        return [answers[i] for i in range(len(rows))]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return out
 
 
 def apply(ctx, model, tokenizer, rows: list[dict]) -> tuple[list[dict], dict]:
@@ -108,7 +106,7 @@ def apply(ctx, model, tokenizer, rows: list[dict]) -> tuple[list[dict], dict]:
 
         deepspeed.init_distributed()  # as the trainer would (the accelerator's backend); it keeps this group
     path = ctx.run_dir / ANSWERS_FILE
-    chosen = {i: r for i, r in enumerate(rows) if r.get("bucket") in spec.buckets}
+    chosen = {i for i, r in enumerate(rows) if r.get("bucket") in spec.buckets}
     if not path.exists():
         mine = sorted(chosen)[ctx.rank::ctx.world]
         ctx.reporter.info(f"own answers: the starting model answers {len(chosen):,} rows of "
