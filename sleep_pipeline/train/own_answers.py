@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-ANSWERS_FILE = "own_answers.jsonl"
+ANSWERS_FILE = "own_answers.jsonl"  # the train split's (answers_file(run_dir, "own", "train"))
 BATCH = 16
 _SENTENCE_END = re.compile(r"(?<![\s\d])[.!?][\"')\]]*(?=\s|$)|\n")  # not the "2." of a numbered list
 
@@ -54,7 +54,8 @@ def choose(row: dict, answer: str, finished: bool, judge) -> tuple[str | None, s
     return text, "own"
 
 
-def _generate(model, tokenizer, rows: list[dict], max_new_tokens: int, report) -> list[tuple[str, bool]]:
+def _generate(model, tokenizer, rows: list[dict], max_new_tokens: int, report,
+              label: str = "own answers") -> list[tuple[str, bool]]:
     """Greedy answers to ``rows`` (chat-templated like the gate's prompts), with whether each finished."""
     import torch
 
@@ -82,37 +83,34 @@ def _generate(model, tokenizer, rows: list[dict], max_new_tokens: int, report) -
                 answers[i] = (tokenizer.decode(row_ids[:cut], skip_special_tokens=True), cut is not None)
             done = min(b + BATCH, len(order))
             rate = done / max(1e-9, time.monotonic() - started)
-            report(f"own answers: {done}/{len(order)} rows, eta {round((len(order) - done) / rate):,}s")
+            report(f"{label}: {done}/{len(order)} rows, eta {round((len(order) - done) / rate):,}s")
         return [answers[i] for i in range(len(rows))]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
 
 
-def apply(ctx, model, tokenizer, rows: list[dict]) -> tuple[list[dict], dict]:
-    """``rows`` with the answers of ``ctx.recipe.own_answers.buckets`` rows replaced by the starting
-    model's own, and the counts for the manifest. Each rank answers its share; every rank gets all."""
-    from sleep_pipeline.gate.judge import RuleJudge
+def answers_file(run_dir: Path, kind: str, split: str) -> Path:
+    """Where a run keeps the starting model's answers of one kind (``own``, ``rejected``) to one split."""
+    return Path(run_dir) / (f"{kind}_answers.jsonl" if split == "train" else f"{kind}_answers.{split}.jsonl")
+
+
+def shared_answers(ctx, model, tokenizer, rows: list[dict], indices: set[int], max_new_tokens: int,
+                   path: Path, what: str) -> list[dict]:
+    """The starting model's greedy answers to ``rows[i]`` for ``i`` in ``indices``, as saved in ``path``
+    (``index``, ``record_id``, ``answer``, ``finished``): each rank answers its share, rank 0 writes them
+    all; a resumed run reads the file instead of answering again."""
     from sleep_pipeline.train.runtime import WorkerError, _barrier, _dist
 
-    spec = ctx.recipe.own_answers
-    if not spec.buckets:
-        return rows, {}
-    if ctx.start.directory is None:
-        ctx.reporter.info("own answers: skipped, the model is built from a config and has no answers of its own")
-        return rows, {"own_answers": "skipped (a fresh model)"}
     if ctx.world > 1 and _dist() is None:
         import deepspeed
 
         deepspeed.init_distributed()  # as the trainer would (the accelerator's backend); it keeps this group
-    path = ctx.run_dir / ANSWERS_FILE
-    chosen = {i for i, r in enumerate(rows) if r.get("bucket") in spec.buckets}
     if not path.exists():
-        mine = sorted(chosen)[ctx.rank::ctx.world]
-        ctx.reporter.info(f"own answers: the starting model answers {len(chosen):,} rows of "
-                          f"{', '.join(spec.buckets)} ({len(mine):,} on this rank)")
-        got = dict(zip(mine, _generate(model, tokenizer, [rows[i] for i in mine], spec.max_new_tokens,
-                                       ctx.reporter.info)))
+        mine = sorted(indices)[ctx.rank::ctx.world]
+        ctx.reporter.info(f"{what}: the starting model answers {len(indices):,} rows ({len(mine):,} on this rank)")
+        got = dict(zip(mine, _generate(model, tokenizer, [rows[i] for i in mine], max_new_tokens,
+                                       ctx.reporter.info, what)))
         dist = _dist()
         parts = [None] * ctx.world
         if dist:
@@ -129,17 +127,36 @@ def apply(ctx, model, tokenizer, rows: list[dict]) -> tuple[list[dict], dict]:
             os.replace(tmp, path)
         _barrier()
     saved = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for item in saved:
+        i = item["index"]
+        if i not in indices or rows[i].get("record_id") != item["record_id"]:
+            raise WorkerError(f"{path} does not belong to this run's rows (row {i}); remove it to answer again")
+    return saved
+
+
+def apply(ctx, model, tokenizer, rows: list[dict], split: str = "train") -> tuple[list[dict], dict]:
+    """``rows`` with the answers of ``ctx.recipe.own_answers.buckets`` rows replaced by the starting
+    model's own, and the counts for the manifest. Each rank answers its share; every rank gets all."""
+    from sleep_pipeline.gate.judge import RuleJudge
+
+    spec = ctx.recipe.own_answers
+    if not spec.buckets:
+        return rows, {}
+    if ctx.start.directory is None:
+        ctx.reporter.info("own answers: skipped, the model is built from a config and has no answers of its own")
+        return rows, {"own_answers": "skipped (a fresh model)"}
+    chosen = {i for i, r in enumerate(rows) if r.get("bucket") in spec.buckets}
+    saved = shared_answers(ctx, model, tokenizer, rows, chosen, spec.max_new_tokens,
+                           answers_file(ctx.run_dir, "own", split), f"own answers ({split})")
     judge = RuleJudge()
     counts: dict[str, int] = {}
     out = list(rows)
     for item in saved:
         i = item["index"]
-        if i not in chosen or rows[i].get("record_id") != item["record_id"]:
-            raise WorkerError(f"{path} does not belong to this run's rows (row {i}); remove it to answer again")
         answer, why = choose(rows[i], item["answer"], item["finished"], judge)
         counts[why] = counts.get(why, 0) + 1
         if answer is not None:
             out[i] = {**rows[i], "response": answer}
-    ctx.reporter.info("own answers: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    ctx.reporter.info(f"own answers ({split}): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                       + " (rows not 'own' keep the data's answer)")
-    return out, {"own_answers": counts}
+    return out, {"own_answers" if split == "train" else f"own_answers_{split}": counts}

@@ -66,6 +66,16 @@ class OwnAnswersSpec:
 
 
 @dataclass(frozen=True)
+class PreferenceSpec:
+    """Learn on preference pairs (DPO, with an SFT term on the chosen answer) instead of plain SFT."""
+    enabled: bool = False
+    refuse_buckets: tuple[str, ...] = ("safety",)  # rows whose answer is a refusal: rejected = the model's own answer
+    beta: float = 0.1  # DPO's beta: how far from the starting model the preference may pull
+    sft_weight: float = 1.0  # weight of the SFT loss on the chosen answer (0: DPO alone)
+    rejected_max_new_tokens: int = 48  # length of the starting model's own answers used as rejected
+
+
+@dataclass(frozen=True)
 class TrainRecipe:
     model: ModelSpec
     tokenizer: TokenizerSpec
@@ -74,6 +84,7 @@ class TrainRecipe:
     lora: LoraSpec = field(default_factory=LoraSpec)
     keep_last: int = 3
     own_answers: OwnAnswersSpec = field(default_factory=OwnAnswersSpec)
+    preference: PreferenceSpec = field(default_factory=PreferenceSpec)
     source: str = ""  # the file it was read from
 
     def recipe_hash(self) -> str:
@@ -82,6 +93,8 @@ class TrainRecipe:
         d["model"]["path"] = str(d["model"]["path"]) if d["model"]["path"] else None
         if not self.own_answers.buckets:
             d.pop("own_answers")  # recipes without the section keep the hash they had before it existed
+        if not self.preference.enabled:
+            d.pop("preference")
         return stable_hash(d)
 
     def deepspeed_config(self) -> dict[str, Any]:
@@ -118,7 +131,8 @@ def load_train_recipe(path: str | Path, storage_dir: str | Path | None = None) -
     path = Path(path).resolve()
     raw = read_yaml(path)
     with in_file(path):
-        check_keys(raw, {"model", "tokenizer", "training", "deepspeed", "lora", "keep_last", "own_answers"}, "")
+        check_keys(raw, {"model", "tokenizer", "training", "deepspeed", "lora", "keep_last", "own_answers",
+                          "preference"}, "")
         m = section(raw, "model", "", {"path", "config"})
         if ("path" in m) == ("config" in m):
             raise fail("model", "give exactly one of `path` (a local model directory) or `config` (a model config file)")
@@ -204,5 +218,24 @@ def load_train_recipe(path: str | Path, storage_dir: str | Path | None = None) -
                                       "give model.path (a pretrained model) or remove the section")
         own_answers = OwnAnswersSpec(buckets=tuple(buckets),
                                      max_new_tokens=number(oa, "max_new_tokens", "own_answers", 96, lo=8, hi=4096, kind=int))
+        pr = section(raw, "preference", "", PreferenceSpec)
+        dp = PreferenceSpec()
+        refuse = get(pr, "refuse_buckets", "preference", list, list(dp.refuse_buckets))
+        if not refuse or not all(isinstance(b, str) and b for b in refuse):
+            raise fail("preference.refuse_buckets", f"must be a non-empty list of bucket names, got {refuse!r}")
+        preference = PreferenceSpec(
+            enabled=get(pr, "enabled", "preference", bool, bool(pr)),
+            refuse_buckets=tuple(refuse),
+            beta=number(pr, "beta", "preference", dp.beta, lo=1e-4, hi=100.0),
+            sft_weight=number(pr, "sft_weight", "preference", dp.sft_weight, lo=0.0, hi=100.0),
+            rejected_max_new_tokens=number(pr, "rejected_max_new_tokens", "preference", dp.rejected_max_new_tokens,
+                                           lo=8, hi=4096, kind=int),
+        )
+        if preference.enabled and "config" in m:
+            raise fail("preference", "the rejected answers are the starting model's own, and a model built from a "
+                                     "config has none; give model.path (a pretrained model) or remove the section")
+        if preference.enabled and set(refuse) & set(own_answers.buckets):
+            raise fail("preference.refuse_buckets", f"{sorted(set(refuse) & set(own_answers.buckets))} are also in "
+                                                    "own_answers.buckets: a bucket is either refused or answered")
     return TrainRecipe(model=model, tokenizer=tokenizer, training=training, zero_stage=zero_stage, lora=lora,
-                       keep_last=keep_last, own_answers=own_answers, source=str(path))
+                       keep_last=keep_last, own_answers=own_answers, preference=preference, source=str(path))

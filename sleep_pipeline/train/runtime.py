@@ -273,6 +273,7 @@ class RunContext:
     accelerator: str = "cpu"
     started: float = field(default_factory=time.monotonic)
     history: list[dict] = field(default_factory=list)
+    final_eval: dict = field(default_factory=dict)  # the trainer's metrics on the validation split after training
 
     @property
     def data_dir(self) -> Path:
@@ -406,13 +407,13 @@ class RunContext:
         engine = type(trainer.model_wrapped).__name__
         if not isinstance(trainer.model_wrapped, deepspeed.DeepSpeedEngine):
             raise WorkerError(f"training did not run under DeepSpeed (engine: {engine})")
-        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        final_eval = self.final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
         # only rank 0 writes metrics.jsonl (and may still be appending to it): the others must not read
         # it, or they can meet a half-written line
         all_metrics = ([json.loads(line) for line in self.metrics_path.read_text().splitlines()]
                        if self.rank == 0 and self.metrics_path.exists() else self.history)
         losses = [h["loss"] for h in self.history if "loss" in h]
-        initial_eval = next((m["eval_loss"] for m in all_metrics if "eval_loss" in m), None)
+        initial_eval = next((m["eval_loss"] for m in all_metrics if "eval_loss" in m and m["step"] == 0), None)
         return {
             "steps": trainer.state.global_step,
             "tokens": int(trainer.state.num_input_tokens_seen or 0),
@@ -538,7 +539,8 @@ def _progress_callback(ctx: RunContext, trainer):
             tok_s = (tokens - self.tokens0) / max(now - self.tokens_t0, 1e-9) if tokens > self.tokens0 else 0.0
             row = {"step": step, "max_steps": state.max_steps, "elapsed_s": round(now - ctx.started, 2),
                    "tokens_per_s": round(tok_s, 1), "eta_s": round(eta, 1), "tokens": int(tokens)}
-            for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins",
+                        "eval_rewards/accuracies", "eval_rewards/margins"):  # the last four: preference training
                 if key in logs:
                     row[key] = float(logs[key])
             ctx.history.append(row)
@@ -546,10 +548,14 @@ def _progress_callback(ctx: RunContext, trainer):
                 fh.write(json.dumps(row) + "\n")
             ctx.reporter.metric(row)
             if "eval_loss" in row:
-                ctx.reporter.info(f"step {step}/{state.max_steps} validation loss {row['eval_loss']:.4f}")
+                pref = (f", chosen preferred on {row['eval_rewards/accuracies']:.0%} of the pairs"
+                        if "eval_rewards/accuracies" in row else "")
+                ctx.reporter.info(f"step {step}/{state.max_steps} validation loss {row['eval_loss']:.4f}{pref}")
             elif "loss" in row:
-                ctx.reporter.info(f"step {step}/{state.max_steps} loss {row['loss']:.4f} lr {row.get('learning_rate', 0):.2e} "
-                                  f"{tok_s:,.0f} tokens/s eta {eta:,.0f}s")
+                pref = (f" pairs won {row['rewards/accuracies']:.0%} margin {row.get('rewards/margins', 0):.2f}"
+                        if "rewards/accuracies" in row else "")
+                ctx.reporter.info(f"step {step}/{state.max_steps} loss {row['loss']:.4f}{pref} lr "
+                                  f"{row.get('learning_rate', 0):.2e} {tok_s:,.0f} tokens/s eta {eta:,.0f}s")
 
         def on_step_end(self, args_, state, control, **kw):
             import torch
