@@ -304,7 +304,7 @@ def test_own_answers_replace_the_chosen_buckets_answers_with_the_starting_models
     path.write_text(yaml.safe_dump(recipe))
     proc = launch(_worker_args(path, mix, tmp_path / "run1", tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "own answers:" in proc.stdout + proc.stderr
+    assert "own answers (train):" in proc.stdout + proc.stderr
     saved = read_jsonl(tmp_path / "run1" / ANSWERS_FILE)
     chosen = [i for i, r in enumerate(rows) if r["bucket"] == "benign"]
     assert [s["index"] for s in saved] == chosen and [s["record_id"] for s in saved] == [rows[i]["record_id"] for i in chosen]
