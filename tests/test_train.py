@@ -282,7 +282,7 @@ def test_own_answers_replace_the_chosen_buckets_answers_with_the_starting_models
     share, every chosen row (and no other) is answered, the manifest counts what was used, and the answers
     are the model's own (the same greedy decoding run here gives the same text)."""
     from sleep_pipeline.gate.evaluate import load_for_eval
-    from sleep_pipeline.train.own_answers import ANSWERS_FILE, _generate
+    from sleep_pipeline.train.own_answers import _generate, answers_file
 
     base_out = tmp_path / "base"
     first = launch(_worker_args(tiny_recipe(tmp_path, max_steps=6, eval_steps=6, save_steps=6), small_mix,
@@ -305,7 +305,7 @@ def test_own_answers_replace_the_chosen_buckets_answers_with_the_starting_models
     proc = launch(_worker_args(path, mix, tmp_path / "run1", tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "own answers (train):" in proc.stdout + proc.stderr
-    saved = read_jsonl(tmp_path / "run1" / ANSWERS_FILE)
+    saved = read_jsonl(answers_file(tmp_path / "run1", "own", "train"))
     chosen = [i for i, r in enumerate(rows) if r["bucket"] == "benign"]
     assert [s["index"] for s in saved] == chosen and [s["record_id"] for s in saved] == [rows[i]["record_id"] for i in chosen]
     [ckpt] = list((tmp_path / "out").glob("learn-*"))

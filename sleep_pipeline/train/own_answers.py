@@ -24,7 +24,6 @@ import re
 import time
 from pathlib import Path
 
-ANSWERS_FILE = "own_answers.jsonl"  # the train split's (answers_file(run_dir, "own", "train"))
 BATCH = 16
 _SENTENCE_END = re.compile(r"(?<![\s\d])[.!?][\"')\]]*(?=\s|$)|\n")  # not the "2." of a numbered list
 
