@@ -12,13 +12,16 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.compress import compressed_checkpoint
 from assets.data import build_data_assets
 from assets.gate import capability_gate, gate_report, gate_suites, gated_release, safety_gate
 from assets.learn import trained_checkpoint
 from assets.release import rollback_release
 from resources.deepspeed import DeepSpeedClusterResource
-from resources.storage import DataRecipeResource, GateRecipeResource, StorageResource, TrainRecipeResource
+from resources.storage import (CompressRecipeResource, DataRecipeResource, GateRecipeResource, StorageResource,
+                               TrainRecipeResource)
 from schedules.jobs import SCHEDULES, sleep_cycle_job
+from sleep_pipeline.compress.recipe import load_compress_recipe
 from sleep_pipeline.config import load_data_recipe
 from sleep_pipeline.gate.decide import load_gate_recipe
 from sleep_pipeline.train.recipe import load_train_recipe
@@ -32,9 +35,12 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     recipe = load_data_recipe(recipes_dir, storage_dir)
     load_train_recipe(recipes_dir / "learn.yaml", storage_dir)  # validated now: a bad recipe stops the load
     load_gate_recipe(recipes_dir / "gate.yaml")
+    compress = load_compress_recipe(recipes_dir / "compress.yaml")
+    if compress.distil.enabled:
+        load_train_recipe(compress.distil.recipe, storage_dir)
     assets, checks = build_data_assets(recipe)
     return dg.Definitions(
-        assets=[*assets, trained_checkpoint, gate_suites, gate_report, gated_release],
+        assets=[*assets, trained_checkpoint, compressed_checkpoint, gate_suites, gate_report, gated_release],
         asset_checks=[*checks, capability_gate, safety_gate],
         jobs=[sleep_cycle_job, rollback_release],
         schedules=SCHEDULES,
@@ -43,6 +49,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
             "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),
             "learn_recipe": TrainRecipeResource(path=str(recipes_dir / "learn.yaml"), storage_dir=str(storage_dir)),
             "gate_recipe": GateRecipeResource(path=str(recipes_dir / "gate.yaml")),
+            "compress_recipe": CompressRecipeResource(path=str(recipes_dir / "compress.yaml")),
             "deepspeed": DeepSpeedClusterResource(
                 accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),
                 num_gpus=int(os.environ.get("SLEEP_PIPELINE_NUM_GPUS", "2")),

@@ -54,9 +54,9 @@ def gate_suites(context: dg.AssetExecutionContext, storage: StorageResource,
 
 @dg.asset(
     group_name=GATE_GROUP,
-    deps=["trained_checkpoint", "gate_suites"],
+    deps=["compressed_checkpoint", "gate_suites"],
     kinds={"lm_eval", "duckdb"},
-    description="Evaluate the candidate trained_checkpoint recorded (plus the live release and the model it started "
+    description="Evaluate the candidate compressed_checkpoint selected (plus the live release and the model it started "
                 "from) on suites held out from its own data version, through lm-eval; every metric with its standard "
                 "error, threshold and delta; the verdict and a model card are stored. A failed gate records the "
                 "rejection and feeds hard examples to the replay table.",
@@ -65,7 +65,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
                 gate_recipe: GateRecipeResource) -> dg.MaterializeResult:
     if config.rhythm not in RHYTHMS:
         raise dg.Failure(f"rhythm must be one of {RHYTHMS}, got {config.rhythm!r}")
-    candidate_id = recorded(context, "trained_checkpoint", "candidate_id")
+    candidate_id = recorded(context, "compressed_checkpoint", "candidate_id")
     report, verdict, ev = gate.run_gate(storage.db_path, storage.root, candidate_id, gate_recipe.load(),
                                         config.rhythm, log=context.log.info)
     context.log.info(f"gate {report.report_id}: capability {'passed' if verdict.capability_passed else 'FAILED'}, "
@@ -85,6 +85,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
         "suite_version": report.suite_version,
         "frozen_suite_version": report.verdict.get("frozen_version") or "?",
         "prompts_truncated_to_context": sum((report.verdict.get("truncated") or {}).values()),
+        "cost_to_serve": dg.MetadataValue.json(report.verdict.get("cost") or {}),
         "live_release": report.live_version or "none",
         "metrics": dg.MetadataValue.md(render.metrics_table(report.verdict)),
         "forgetting": dg.MetadataValue.md(render.forgetting_table(report.verdict)),

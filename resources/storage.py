@@ -5,6 +5,7 @@ from typing import Optional
 
 import dagster as dg
 
+from sleep_pipeline.compress.recipe import CompressRecipe, load_compress_recipe
 from sleep_pipeline.config import DataRecipe, load_data_recipe
 from sleep_pipeline.gate.decide import GateRecipe, load_gate_recipe
 from sleep_pipeline.train.recipe import TrainRecipe, load_train_recipe
@@ -60,3 +61,12 @@ class GateRecipeResource(dg.ConfigurableResource):
 
     def load(self) -> GateRecipe:
         return load_gate_recipe(self.path)
+
+
+class CompressRecipeResource(dg.ConfigurableResource):
+    """The Compress recipe (``recipes/compress.yaml``): quick suite, cost axis, steps, red lines."""
+
+    path: str
+
+    def load(self) -> CompressRecipe:
+        return load_compress_recipe(self.path)

@@ -25,6 +25,13 @@ def loss_curve_markdown(metrics: list[dict], title: str = "Learn: loss") -> str:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return figure_markdown(fig, title)
+
+
+def figure_markdown(fig, title: str) -> str:
+    """A matplotlib figure as Markdown with the PNG inline (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -39,15 +39,34 @@ def main() -> int:
     report = latest_report(db)
     known = candidates.list_candidates(db)
     cand = next((c for c in known if report and c.candidate_id == report.candidate_id), known[-1] if known else None)
+    if cand and cand.phase == "compress":  # the training facts are the Learn candidate's it was compressed from
+        learned = [a for a in candidates.ancestors(db, cand.candidate_id) if a.phase != "compress"]
+        cand = learned[0] if learned else cand
     if cand and Path(cand.path).is_dir():
         m = read_manifest(Path(cand.path))
         print(f"  candidate {cand.short} ({cand.phase}, {cand.status}) {cand.path}: {m.get('steps')} steps, "
               f"{m.get('tokens', 0):,} tokens on {m.get('world_size')} ranks ({m.get('engine')}, ZeRO-{m.get('zero_stage')}) "
               f"in {m.get('wall_time_s', 0):.0f}s; validation loss {m.get('initial_validation_loss')} -> {m.get('validation_loss')}")
+    _print_compress(db)
     _print_gate(db)
     print(f"  database: {db}")
     print("  browse lineage and metadata: DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   (http://127.0.0.1:3000)")
     return 0
+
+
+def _print_compress(db: Path) -> None:
+    from sleep_pipeline.compress.pareto import SCHEMA
+
+    with connect(db) as con:
+        con.execute(SCHEMA)
+        rows = con.execute("SELECT kind, candidate_id, capability, size_mb, latency_ms_per_token_b1, selected, verdict "
+                           "FROM compress_measurements WHERE run_id = (SELECT run_id FROM compress_measurements "
+                           "ORDER BY created_at DESC LIMIT 1) ORDER BY size_mb DESC").fetchall()
+    if not rows:
+        return
+    print("  compress (quick-suite capability, size, ms per token at batch 1):")
+    for kind, cid, cap, size, ms, selected, verdict in rows:
+        print(f"    {'*' if selected else ' '} {kind:15s} {cid[:12]}  {cap or 0:.3f}  {size or 0:8.1f} MB  {ms or 0:7.2f} ms  {verdict}")
 
 
 def _print_gate(db: Path) -> None:

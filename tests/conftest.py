@@ -22,12 +22,27 @@ def pytest_sessionstart(session):
 
 
 def copy_recipes(dest: Path) -> Path:
+    """The shipped recipes in ``dest``, Compress shrunk (:func:`shrink_compress`)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml"):
+    for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml", "compress.yaml", "distil.yaml"):
         shutil.copy(RECIPES / name, dest / name)
     shutil.copytree(RECIPES / "model", dest / "model", dirs_exist_ok=True)
     shutil.copytree(RECIPES / "lm_eval_tasks", dest / "lm_eval_tasks", dirs_exist_ok=True)
-    return dest
+    return shrink_compress(dest)
+
+
+def shrink_compress(recipes: Path, examples: int = 4, steps: int = 4) -> Path:
+    """The shipped Compress recipe with a few items per quick-suite task and a few training steps: in a test
+    the plumbing is the subject, not the figures."""
+    raw = yaml.safe_load((recipes / "compress.yaml").read_text())
+    raw["quick_suite"].update(examples=examples, diversity_samples=2)
+    raw["prune"].update(recovery_steps=steps, calibration_rows=8)
+    raw["cost"].update(new_tokens=8, batch_size=4)
+    (recipes / "compress.yaml").write_text(yaml.safe_dump(raw))
+    distil = yaml.safe_load((recipes / "distil.yaml").read_text())
+    distil["training"].update(max_steps=steps, eval_steps=steps, save_steps=steps, logging_steps=1)
+    (recipes / "distil.yaml").write_text(yaml.safe_dump(distil))
+    return recipes
 
 
 def gate_raw() -> dict:

@@ -68,3 +68,12 @@ def test_train_throughput_bench_smoke(tmp_path):
     [run_a], [run_b] = a["runs"], b["runs"]
     # both sides timed the same warm steps (after the first logged step)
     assert run_a["steps"] == run_b["steps"] == report["steps"] - 2
+
+
+def test_compress_bench_smoke(tmp_path):
+    report = run_smoke("compress.py", tmp_path, timeout=900)
+    assert report["parent"]["cost"]["size_mb"] > 0
+    assert {"pruned", "distilled", "int8", "distilled+int8"} <= set(report["candidates"])
+    for c in report["candidates"].values():
+        assert c["size_ratio"] > 0 and c["latency_ratio_b1"] > 0
+    assert report["candidates"]["pruned"]["size_ratio"] > 1.2  # pruning really shrinks the files

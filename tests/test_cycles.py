@@ -83,15 +83,22 @@ def test_cycles_on_one_storage_each_gate_their_own_candidate(tmp_path, storage, 
     assert mix2["version_id"] != mix3["version_id"] and learn2["candidate_id"] != learn3["candidate_id"]
     assert mix2["manifest"]["counts"]["per_origin"].get("replay", 0) > 0  # the second cycle replays cycle 1's failures
     assert learn2["unchanged"] is False and learn3["unchanged"] is False
+    gated = {}
     for run, mix, learn in ((second, mix2, learn2), (third, mix3, learn3)):
         assert _meta(run, "gate_suites")["data_version"] == mix["version_id"]
+        # Compress took this run's Learn candidate and handed the Gate the one it selected
+        compressed = _meta(run, "compressed_checkpoint")
+        assert compressed["parent_candidate_id"] == learn["candidate_id"]
+        chosen = candidates.get(db, compressed["candidate_id"])
+        assert learn["candidate_id"] in [a.candidate_id for a in candidates.ancestors(db, chosen.candidate_id)]
         report = gate.get_report(db, _meta(run, "gate_report")["report_id"])
-        assert report.candidate_id == learn["candidate_id"] and report.data_version == mix["version_id"]
+        assert report.candidate_id == chosen.candidate_id and report.data_version == mix["version_id"]
         assert candidates.get(db, learn["candidate_id"]).data_version == mix["version_id"]
-        assert _meta(run, "gated_release")["candidate_id"] == learn["candidate_id"]
+        assert chosen.data_version == mix["version_id"]
+        assert _meta(run, "gated_release")["candidate_id"] == chosen.candidate_id
+        gated[run is second] = chosen.candidate_id
     releases = registry.list_releases(db)
-    assert [(r.version, r.checkpoint_sha256) for r in releases] == [
-        ("v0001", learn3["candidate_id"]), ("v0002", learn2["candidate_id"])]
+    assert [(r.version, r.checkpoint_sha256) for r in releases] == [("v0001", gated[False]), ("v0002", gated[True])]
     assert registry.live(db).version == "v0002"
     parents = candidates.get(db, learn2["candidate_id"]).parents
     assert parents == ()  # built from the recipe's config: no parent candidate
@@ -103,6 +110,8 @@ def test_cycles_on_one_storage_each_gate_their_own_candidate(tmp_path, storage, 
     assert _meta(fourth, "tiered_data_mix")["version_id"] == mix3["version_id"]
     learn4 = _meta(fourth, "trained_checkpoint")
     assert learn4["unchanged"] is True and learn4["candidate_id"] == learn3["candidate_id"]
+    compressed4 = _meta(fourth, "compressed_checkpoint")
+    assert compressed4["unchanged"] is True and compressed4["candidate_id"] == gated[False]
     out = _meta(fourth, "gated_release")
     assert out["unchanged"] is True and "earlier release v0001" in out["outcome"]
     assert len(registry.list_releases(db)) == 2 and registry.live(db).version == "v0002"

@@ -82,12 +82,15 @@ def copy_candidate(src: Path, root: Path, name: str, noise: float = 0.0) -> Path
 
 
 def _produce(world, name: str, noise: float = 0.0) -> candidates.Candidate:
-    """What trained_checkpoint would do: publish, register, and record the candidate id."""
+    """What trained_checkpoint would do: publish, register, and record the candidate id (and what
+    compressed_checkpoint records when it passes a candidate through uncompressed)."""
     root = world["storage"] / "checkpoints" / "learn"
     path = copy_candidate(world["cands"][name], root, f"{name}-{len(list(root.glob('*'))) if root.exists() else 0}", noise)
     cand = candidates.register(world["storage"] / "sleep.duckdb", path)
     world["instance"].report_runless_asset_event(
         dg.AssetMaterialization("trained_checkpoint", metadata={"candidate_id": cand.candidate_id}))
+    world["instance"].report_runless_asset_event(
+        dg.AssetMaterialization("compressed_checkpoint", metadata={"candidate_id": cand.candidate_id}))
     return cand
 
 

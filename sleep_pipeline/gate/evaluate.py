@@ -50,28 +50,34 @@ class Evaluation:
     task_seconds: dict[str, float] = field(default_factory=dict)  # wall time per task (not stored)
     # task -> prompts longer than the context (minus the answer budget), truncated from the left
     truncated: dict[str, int] = field(default_factory=dict)
+    cost: dict | None = None  # what the model costs to serve (sleep_pipeline.compress.cost), where measured
 
     def to_json(self) -> dict:
         return {"scores": {t: {m: [s.value, s.stderr, s.n] for m, s in ms.items()} for t, ms in self.scores.items()},
-                "seconds": self.seconds, "examples": self.examples, "truncated": self.truncated}
+                "seconds": self.seconds, "examples": self.examples, "truncated": self.truncated, "cost": self.cost}
 
     @classmethod
     def from_json(cls, data: dict) -> "Evaluation":
         return cls({t: {m: Score(*v) for m, v in ms.items()} for t, ms in data["scores"].items()},
                    seconds=data.get("seconds", 0.0), examples=data.get("examples", 0),
-                   truncated=data.get("truncated", {}))
+                   truncated=data.get("truncated", {}), cost=data.get("cost"))
 
 
 def load_for_eval(path: Path):
-    """(model, tokenizer) from a checkpoint directory; a LoRA adapter is merged into its base."""
+    """(model, tokenizer) from a checkpoint directory as it will be served: a LoRA adapter merged into its
+    base, an int8 checkpoint on int8 kernels, a pruned one with its smaller config."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from sleep_pipeline.train.modeling import load_tokenizer
 
+    from sleep_pipeline.compress.quantize import is_int8, load_int8
+
     path = Path(path)
     tok = load_tokenizer(path)
-    if (path / "adapter_config.json").exists():
+    if is_int8(path):
+        model = load_int8(path)
+    elif (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, local_files_only=True).merge_and_unload()

@@ -18,6 +18,14 @@ from sleep_pipeline.gate.decide import beats, bound_text, fmt
 CARD_DIGITS = 4
 
 
+COST_ROWS = (("size_mb", "size on disk (MB)", ",.1f"), ("parameters", "parameters", ",d"),
+             ("latency_ms_per_token_b1", "ms per token, batch 1", ".2f"),
+             ("latency_ms_per_token_batch", "ms per decoding step, gate batch", ".2f"),
+             ("tokens_per_s_batch", "tokens/s, gate batch", ",.1f"), ("peak_memory_mb", "peak memory (MB)", ",.0f"),
+             ("cpu_s_per_1k_tokens", "CPU-seconds per 1,000 tokens", ".2f"),
+             ("energy_j_per_1k_tokens", "joules per 1,000 tokens (GPU)", ".1f"))
+
+
 @dataclass(frozen=True)
 class MetricRow:
     suite: str  # e.g. "reasoning_planning", "safety"
@@ -56,6 +64,7 @@ class CardFacts:
     tags: list[str] = field(default_factory=lambda: ["sleep-pipeline", "text-generation"])
     license: str = "apache-2.0"
     base_label: str = "the untrained starting model"  # what "before" is in the before/after table
+    cost: dict[str, dict] = field(default_factory=dict)  # model label -> its cost to serve (compress.cost.Cost)
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -112,6 +121,14 @@ def render(facts: CardFacts) -> str:
         for m in based:
             lines.append(f"| {m.suite} | {m.metric} | {_fmt(m.base)} | {_fmt(m.base_stderr)} | {_fmt(m.value)} | "
                          f"{_fmt(m.stderr)} | {'yes' if m.beats_base else 'no'} |")
+    if facts.cost:
+        labels = list(facts.cost)
+        lines += ["", "## Cost to serve", "",
+                  "Measured in a fresh process, the model loaded as it is served (greedy decoding, fixed length).", "",
+                  "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for key, name, spec in COST_ROWS:
+            vals = [facts.cost[label].get(key) for label in labels]
+            lines.append(f"| {name} | " + " | ".join("—" if v is None else format(v, spec) for v in vals) + " |")
     lines += ["", "## Risks", ""]
     lines += [f"- {r}" for r in facts.risks] or ["- none recorded"]
     return "\n".join(lines) + "\n"

@@ -212,13 +212,29 @@ def evaluation_key(model_ref: str, suites: Path, limit: int, judge, user_tasks=(
                         "context": max_context})
 
 
+def trained_ancestor(db_path: Path, candidate: Path) -> Path:
+    """The candidate itself, or for a Compress candidate the checkpoint its compression started from (a
+    pruned, distilled or int8 model is compared with the model its cycle started from, like its parent)."""
+    for _ in range(16):
+        manifest = read_manifest(candidate)
+        parents = manifest.get("parents") or []
+        if manifest.get("phase") != "compress" or not parents:
+            break
+        try:
+            candidate, _cand = candidates.resolve(db_path, parents[0])
+        except candidates.CandidateError:
+            break
+    return Path(candidate)
+
+
 def starting_model(db_path: Path, candidate: Path):
-    """The model the candidate was trained from: its parent candidate, else the base model directory it
+    """The model the candidate's cycle started from (through :func:`trained_ancestor`): its parent candidate, else the base model directory it
     names, else the same architecture freshly initialised with the Learn recipe's seed. Returns
-    (cache ref, loader, label); the model is only built when the loader is called (not on a cached
-    evaluation)."""
+    (cache ref, loader, label, directory or None); the model is only built when the loader is called (not
+    on a cached evaluation)."""
     from transformers import AutoConfig
 
+    candidate = trained_ancestor(db_path, candidate)
     manifest = read_manifest(candidate)
     for parent in manifest.get("parents") or []:
         try:
@@ -227,10 +243,10 @@ def starting_model(db_path: Path, candidate: Path):
             continue
         label = (f"the imported model {parent[:12]}" if cand is not None and cand.phase == "import"
                  else f"the parent candidate {parent[:12]}")
-        return f"candidate:{parent}", (lambda p=path: load_for_eval(p)), label
+        return f"candidate:{parent}", (lambda p=path: load_for_eval(p)), label, path
     base = manifest.get("base_model")
     if base and base != "built from config" and Path(base).is_dir():
-        return f"base:{base}", lambda: load_for_eval(Path(base)), "the base model"
+        return f"base:{base}", lambda: load_for_eval(Path(base)), "the base model", Path(base)
     seed = 0
     try:
         from sleep_pipeline.train.recipe import load_train_recipe
@@ -252,11 +268,11 @@ def starting_model(db_path: Path, candidate: Path):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config).eval(), load_tokenizer(candidate)
 
-    return ref, load, "the untrained starting model"
+    return ref, load, "the untrained starting model", None
 
 
 def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: GateRecipe, judge, log,
-                 label: str) -> Evaluation:
+                 label: str, cost_of: Path | None = None) -> Evaluation:
     key = evaluation_key(ref, suites, limit, judge, recipe.user_tasks, recipe.max_context_tokens)
     ev = _cached(db_path, key)
     if ev is not None:
@@ -268,8 +284,25 @@ def _eval_cached(db_path, ref: str, load, suites: Path, limit: int, recipe: Gate
         log(f"evaluating {label} ({ref[:40]})")
     ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge,
                   keep_samples=False, user_tasks=recipe.user_tasks, max_length=recipe.max_context_tokens)
+    if cost_of is not None:
+        ev.cost = serving_cost(cost_of, recipe, log, label)
     _store_eval(db_path, key, ref, suite_version(suites), ev)
     return ev
+
+
+def serving_cost(path: Path, recipe: GateRecipe, log, label: str) -> dict | None:
+    """What ``path`` costs to serve (size, latency, memory, CPU time), measured in a fresh process; None
+    (and a log line) when it cannot be measured, which never decides a gate."""
+    from sleep_pipeline.compress.cost import CostError, measure
+
+    if log:
+        log(f"measuring what {label} costs to serve (a fresh process)")
+    try:
+        return measure(Path(path), batch_size=recipe.batch_size).to_json()
+    except (CostError, OSError, ValueError) as exc:
+        if log:
+            log(f"the cost of {label} could not be measured: {exc}")
+        return None
 
 
 # --------------------------------------------------------------------------------------------- gate
@@ -357,6 +390,8 @@ def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: 
         "gate report": report.report_id,
         "rhythm": report.rhythm,
         "compared with release": report.live_version or "none (first release)",
+        **({"compression": f"{manifest['compression']} of {(manifest.get('parents') or ['?'])[0][:12]}"}
+           if manifest.get("compression") else {}),
         "training": f"{manifest.get('steps', '?')} steps, {manifest.get('tokens', '?')} tokens, "
                     f"validation loss {manifest.get('initial_validation_loss')} -> {manifest.get('validation_loss')}",
     }
@@ -370,6 +405,7 @@ def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: 
         datasets=[f"sleep-pipeline/{report.data_version}"], lineage=lineage, metrics=rows, risks=risks,
         recommendation=verdict.recommendation,
         base_label=report.verdict.get("starting_model") or "the untrained starting model",
+        cost=report.verdict.get("cost") or {},
     )
 
 
@@ -407,16 +443,18 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
         if live_rel is not None:
             live_ev = _eval_cached(db_path, f"release:{live_rel.checkpoint_sha256}",
                                    lambda: load_for_eval(Path(live_rel.checkpoint_path)), suites, limit, recipe, judge,
-                                   log, f"live release {live_rel.version}")
+                                   log, f"live release {live_rel.version}", Path(live_rel.checkpoint_path))
         base_ev, base_label = None, "the starting model"
         if recipe.compare_with_base:
-            base_ref, load_base, base_label = starting_model(db_path, candidate)
-            base_ev = _eval_cached(db_path, base_ref, load_base, suites, limit, recipe, judge, log, base_label)
+            base_ref, load_base, base_label, base_dir = starting_model(db_path, candidate)
+            base_ev = _eval_cached(db_path, base_ref, load_base, suites, limit, recipe, judge, log, base_label, base_dir)
         if log:
             log(f"evaluating candidate {cand.short} ({candidate.name}; {rhythm}: {limit} items per suite)")
         model, tok = load_for_eval(candidate)
         cand_ev = evaluate(model, tok, suites, limit=limit, batch_size=recipe.batch_size, log=log, judge=judge,
                            user_tasks=recipe.user_tasks, max_length=recipe.max_context_tokens)
+        del model
+        cand_ev.cost = serving_cost(candidate, recipe, log, f"candidate {cand.short}")
         verdict = decide(cand_ev, Reference(live=live_ev, base=base_ev, base_label=base_label), policy)
         contaminated, unchecked = frozen_contamination(db_path, cand, suites)
         verdict.risks.extend(unchecked)
@@ -436,7 +474,11 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
                             verdict.safety_passed, verdict.decision, verdict.recommendation,
                             {**verdict.to_json(), "evaluation_seconds": cand_ev.seconds, "examples": cand_ev.examples,
                              "starting_model": base_label if base_ev is not None else None,
-                             "frozen_version": frozen_version(suites), "truncated": cand_ev.truncated},
+                             "frozen_version": frozen_version(suites), "truncated": cand_ev.truncated,
+                             "cost": {label: ev.cost for label, ev in (("this model", cand_ev),
+                                                                       (base_label, base_ev),
+                                                                       (f"live {live_rel.version}" if live_rel else "", live_ev))
+                                      if ev is not None and ev.cost}},
                             str(card_path), None, recipe.recipe_hash())
         with connect(db_path) as con:
             con.execute(SCHEMA)

@@ -98,7 +98,12 @@ def load_pretrained(path: Path, tokenizer=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sleep_pipeline.compress.quantize import QUANTIZATION
+
     path = Path(path)
+    if (path / QUANTIZATION).is_file():
+        raise ValueError(f"{path} is an int8 checkpoint, made for serving: train from the float checkpoint it was "
+                         "quantised from (its parent candidate)")
     if (path / ADAPTER_CONFIG).is_file():
         from peft import AutoPeftModelForCausalLM
 
@@ -131,3 +136,32 @@ def build_model(spec: ModelSpec, tokenizer, seed: int):
 def count_parameters(model) -> int:
     # under ZeRO-3 a partitioned parameter is an empty placeholder; ds_numel is its real size
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def completion_tensors(tokenizer, rows: list[dict], max_len: int):
+    """Mix rows as one right-padded batch for a plain training loop: ``input_ids``, ``attention_mask`` and
+    ``labels`` (-100 on the prompt and the padding, so the loss covers the answer as in Learn). A row
+    longer than ``max_len`` loses tokens from the left, so its answer stays."""
+    import torch
+
+    seqs = []
+    for row in rows:
+        messages = row_messages(row)
+        prompt = tokenizer(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        n = 0  # the answer starts where the rendered prompt stops being a prefix of the whole
+        while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
+            n += 1
+        cut = max(0, len(full) - max_len)
+        seqs.append((full[cut:], [-100] * max(0, n - cut) + full[max(n, cut):]))
+    width = max(len(ids) for ids, _ in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (s, lab) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, :len(lab)] = torch.tensor(lab)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

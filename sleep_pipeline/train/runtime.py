@@ -457,6 +457,7 @@ class RunContext:
         summary: dict[str, Any] = {}
         if self.rank == 0:
             tokenizer.save_pretrained(stage)
+            drop_tied_copy(stage)
             for leftover in stage.glob("training_args.bin"):
                 leftover.unlink()  # a pickle the trainer drops beside the weights; the manifest refuses pickles
             info = {**info, "wall_time_s": round(time.monotonic() - self.started, 1), **self.lineage()}
@@ -471,6 +472,27 @@ class RunContext:
             self.reporter.materialized({k: v for k, v in reported.items() if v is not None})
         _barrier()
         return summary
+
+
+def drop_tied_copy(directory: Path) -> bool:
+    """Remove ``lm_head.weight`` from a saved single-file model whose config ties it to the input embedding
+    (the trainer's save under DeepSpeed writes the tied matrix twice; loading ties it again). Returns
+    whether the file was rewritten."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights, config = Path(directory) / "model.safetensors", Path(directory) / "config.json"
+    if not (weights.is_file() and config.is_file()) or not json.loads(config.read_text()).get("tie_word_embeddings"):
+        return False
+    with safe_open(str(weights), "pt") as fh:
+        keys, metadata = list(fh.keys()), fh.metadata()
+        if "lm_head.weight" not in keys or "model.embed_tokens.weight" not in keys:
+            return False
+        if not fh.get_tensor("lm_head.weight").equal(fh.get_tensor("model.embed_tokens.weight")):
+            return False  # not actually tied: both are real weights
+        tensors = {k: fh.get_tensor(k) for k in keys if k != "lm_head.weight"}
+    save_file(tensors, str(weights), metadata=metadata)
+    return True
 
 
 def _reloader(trainer) -> Callable[[Path], Any]:
@@ -585,8 +607,11 @@ def _progress_callback(ctx: RunContext, trainer):
 
 
 # ----------------------------------------------------------------------------------- bootstrap
-def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str, description: str,
+               extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=prog, description=description)
+    if extra_args is not None:
+        extra_args(ap)  # an entry point's own arguments (e.g. distillation's teacher)
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--data-dir", required=True, help="tiered_data_mix version directory (train/validation JSONL)")
     ap.add_argument("--run-dir", required=True, help="resumable state of this training run")
@@ -639,13 +664,15 @@ def _cuda_available() -> bool:
 
 
 def main(entry: Callable[[RunContext], Any], phase: str, argv: list[str] | None = None, description: str = "",
-         data_files: Iterable[str] = ("train.jsonl", "validation.jsonl")) -> int:
-    """Run ``entry(ctx)`` on this rank: parse the common arguments, bootstrap, and turn a
-    :class:`WorkerError` into its message and exit code. ``data_files`` must exist in ``--data-dir``."""
+         data_files: Iterable[str] = ("train.jsonl", "validation.jsonl"),
+         extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Run ``entry(ctx)`` on this rank: parse the common arguments (and the entry point's ``extra_args``),
+    bootstrap, and turn a :class:`WorkerError` into its message and exit code. ``data_files`` must exist
+    in ``--data-dir``."""
     from sleep_pipeline.train.ops import clear_stale_extension_locks, preload_cpu_ops, use_environment_build_root
     from sleep_pipeline.train.shm import SharedMemoryFull, check_room, sweep_stale_segments
 
-    args = parse_args(argv, f"python -m {entry.__module__}", description)
+    args = parse_args(argv, f"python -m {entry.__module__}", description, extra_args)
     rank = int(os.environ.get("RANK", "0"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
