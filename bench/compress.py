@@ -7,7 +7,8 @@ Learn candidate of the storage directory ``--home`` (default ``$SLEEP_PIPELINE_H
 candidate unless ``--candidate``), with the recipes of ``--recipes`` (default ``recipes``; the SmolLM2
 profile: ``recipes/smollm2``). Then the cost of the parent and of every candidate is measured again
 ``--repeats`` times, interleaved (parent, candidate, parent, ...), because this machine's CPU capacity
-drifts; ratios are medians. Prints JSON: per candidate the size ratio, the latency ratios (batch 1 and
+drifts; ratios are medians. The frozen capability suites are judged again on ``--frozen-items`` items each
+(one item of the quick suite's 16 moves a score by 6 points, too coarse for a 2-point target). Prints JSON: per candidate the size ratio, the latency ratios (batch 1 and
 the gate's batch), the capability delta on the frozen capability suites and on the whole quick suite,
 and whether the selected candidate meets the targets: >= 2x smaller, >= 1.5x faster per token at
 batch 1, <= 2 points lost on the frozen capability suites.
@@ -33,7 +34,7 @@ from bench.common import json_stdout, parse_args  # noqa: E402
 
 TARGETS = {"size_ratio": 2.0, "latency_ratio_b1": 1.5, "frozen_capability_points_lost": 2.0}
 FROZEN_CAPABILITY = ("ho_reasoning", "ho_tool_use")
-SMOKE = {"repeats": 1}
+SMOKE = {"repeats": 1, "frozen_items": 2}
 
 
 def launch_local(module: str, args: list[str], run_dir: Path, ranks: int = 2) -> str:
@@ -76,6 +77,30 @@ def smoke_home(tmp: Path) -> tuple[Path, Path]:
     return home, recipes
 
 
+def frozen_scores(db: Path, home: Path, parent, gate_recipe, points, items: int) -> dict[str, dict[str, float]]:
+    """Every candidate's (and the parent's) headline score on the frozen capability suites, ``items`` each,
+    loaded as served: per kind, suite -> score."""
+    from sleep_pipeline import candidates
+    from sleep_pipeline.gate import run as gate_run
+    from sleep_pipeline.gate.evaluate import evaluate, load_for_eval
+    from sleep_pipeline.gate.judge import make_judge
+    from sleep_pipeline.gate.suites import TASK_BY_NAME
+
+    suites = gate_run.suites_for_candidate(db, home, parent, gate_recipe)
+    out = {}
+    for p in points:
+        model, tok = load_for_eval(Path(candidates.get(db, p.candidate_id).path))
+        ev = evaluate(model, tok, suites, tasks=list(FROZEN_CAPABILITY), limit=items, batch_size=gate_recipe.batch_size,
+                      judge=make_judge(gate_recipe.judge), keep_samples=False, max_length=gate_recipe.max_context_tokens)
+        out[p.kind] = {t: round(ev.scores[t][TASK_BY_NAME[t].headline.name].value, 4) for t in FROZEN_CAPABILITY
+                       if t in ev.scores}
+        out[p.kind + ":stderr"] = {t: round(ev.scores[t][TASK_BY_NAME[t].headline.name].stderr or 0.0, 4)
+                                   for t in FROZEN_CAPABILITY if t in ev.scores}
+        print(f"frozen capability of {p.kind}: {out[p.kind]} ({items} items each)", file=sys.stderr, flush=True)
+        del model
+    return out
+
+
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -86,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", type=Path, default=ROOT / "recipes")
     ap.add_argument("--candidate", default=None, help="the Learn candidate to compress (default: the newest)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--frozen-items", type=int, default=64,
+                    help="items per frozen capability suite the parent and every candidate are judged on again "
+                         "(the quick suite's 16-24 items move 4-6 points per item)")
     args = parse_args(ap, argv, SMOKE)
     emit = json_stdout()
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,9 +166,10 @@ def run(args, tmp: Path, emit) -> int:
                                                               "peak_memory_mb", "cpu_s_per_1k_tokens")}
            | {"size_mb": v[0]["size_mb"], "parameters": v[0]["parameters"]} for k, v in costs.items()}
 
+    frozen = frozen_scores(db, home, parent, gate_recipe, out.points, args.frozen_items)
+
     def frozen_capability(point) -> float | None:
-        vals = [point.row["scores"][t][m][0] for t in FROZEN_CAPABILITY if t in point.row["scores"]
-                for m in point.row["scores"][t]]
+        vals = list(frozen[point.kind].values())
         return sum(vals) / len(vals) if vals else None
 
     report_candidates = {}
@@ -155,6 +184,7 @@ def run(args, tmp: Path, emit) -> int:
             "latency_ratio_batch": ratio(med["parent"]["latency_ms_per_token_batch"], med[p.kind]["latency_ms_per_token_batch"]),
             "capability_delta_points": round(100 * (p.capability - base.capability), 2),
             "frozen_capability_delta_points": round(100 * (fc - fb), 2) if fc is not None and fb is not None else None,
+            "frozen_capability": frozen[p.kind], "frozen_capability_stderr": frozen[p.kind + ":stderr"],
             "reasoning_delta_points": round(100 * (p.groups.get("reasoning", 0) - base.groups.get("reasoning", 0)), 2),
             "distinct_2": p.groups.get("diversity"), "selected": p.selected, "verdict": p.verdict,
             "cost": med[p.kind],
@@ -168,7 +198,9 @@ def run(args, tmp: Path, emit) -> int:
                  "frozen_capability": sel["frozen_capability_delta_points"] is not None
                  and -sel["frozen_capability_delta_points"] <= TARGETS["frozen_capability_points_lost"]}
     emit({"smoke": bool(args.smoke), "recipes": str(recipes), "parent": {"candidate_id": base.candidate_id,
-          "capability": base.capability, "frozen_capability": frozen_capability(base), "cost": med["parent"]},
+          "capability": base.capability, "frozen_capability": frozen["parent"],
+          "frozen_capability_stderr": frozen["parent:stderr"], "cost": med["parent"]},
+          "frozen_items": args.frozen_items,
           "repeats": args.repeats, "candidates": report_candidates, "selected": chosen.kind,
           "targets": TARGETS, "selected_meets_targets": meets, "compress_seconds": out.seconds})
     return 0

@@ -73,14 +73,13 @@ def served_mb(path: Path) -> float:
 
 
 def served_parameters(model) -> int:
-    """Parameters of the served model, int8 ones (inside PyTorch's packed int8 modules) included."""
+    """Parameters of the served model, the int8 layers' weights and biases (not torch parameters) included."""
+    from sleep_pipeline.compress.quantize import Int8Linear
+
     n = sum(p.numel() for p in model.parameters())
     for mod in model.modules():
-        weight = getattr(mod, "weight", None)
-        if callable(weight) and hasattr(mod, "_packed_params"):
-            n += weight().numel()
-            bias = mod.bias()
-            n += bias.numel() if bias is not None else 0
+        if isinstance(mod, Int8Linear):
+            n += mod.qweight.numel() + (mod.bias_value.numel() if mod.bias_value is not None else 0)
     return n
 
 
@@ -98,6 +97,20 @@ def _energy_counter():
         return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
     except Exception:  # no NVML, or a board without an energy counter
         return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. ``VmHWM`` belongs to the process's own address space;
+    ``getrusage``'s ``ru_maxrss`` survives ``exec`` on Linux, so in a process started by a large one
+    (a benchmark, a Dagster run) it reports the parent's peak instead of the model's."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _cpu_s() -> float:
@@ -146,7 +159,7 @@ def measure_here(path: Path, prompts: list[str], batch_size: int, new_tokens: in
         latency_ms_per_token_batch=round(step_batch * 1000, 3),
         batch_size=batch_size,
         tokens_per_s_batch=round(batch_size / step_batch, 1),
-        peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_memory_mb=peak_rss_mb(),
         cpu_s_per_1k_tokens=round(cpu / tokens * 1000, 3),
         energy_j_per_1k_tokens=round(joules / tokens * 1000, 3) if joules is not None else None,
         device=device,

@@ -109,7 +109,8 @@ def sample_diversity(model, tokenizer, prompts=DIVERSITY_PROMPTS, samples_per_pr
 
 def measure_model(model, tokenizer, suites: Path, tasks: list[str], limit: int, batch_size: int, judge=None,
                   max_length: int | None = None, samples_per_prompt: int = 4, log=None) -> Measurement:
-    """Capability and diversity of an in-memory model (cost is measured separately, in a fresh process)."""
+    """Capability and diversity of an in-memory model (cost is measured separately, in a fresh process);
+    ``samples_per_prompt=0`` skips diversity (a merge's A/B check judges capability only)."""
     ev = evaluate(model, tokenizer, suites, tasks=tasks, limit=limit, batch_size=batch_size, judge=judge,
                   keep_samples=False, max_length=max_length, log=log)
     ppl = ev.scores.get("sp_perplexity", {}).get("bits_per_byte")
@@ -117,6 +118,6 @@ def measure_model(model, tokenizer, suites: Path, tasks: list[str], limit: int, 
         scores={t: {m: [s.value, s.stderr, s.n] for m, s in ms.items()} for t, ms in ev.scores.items()},
         groups=group_scores(ev),
         perplexity_bits_per_byte=round(ppl.value, 4) if ppl else None,
-        diversity=sample_diversity(model, tokenizer, samples_per_prompt=samples_per_prompt),
+        diversity=sample_diversity(model, tokenizer, samples_per_prompt=samples_per_prompt) if samples_per_prompt else {},
         eval_seconds=ev.seconds,
     )

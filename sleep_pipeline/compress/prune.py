@@ -211,7 +211,7 @@ def recover(model, batches: list[dict], steps: int, learning_rate: float, log=No
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log and ((step + 1) % max(1, steps // 5) == 0 or step + 1 == steps):
             el = time.monotonic() - t0
             log(f"recovery fine-tune: step {step + 1}/{steps} loss {losses[-1]:.4f} eta {el / (step + 1) * (steps - step - 1):.0f}s")

@@ -44,6 +44,9 @@ class PruneSpec:
 class QuantizeSpec:
     enabled: bool = True
     sources: tuple[str, ...] = ("parent", "distilled")
+    smooth_alpha: float = 0.5      # SmoothQuant's migration strength; 0 turns smoothing off
+    calibration_rows: int = 32     # train rows the activation ranges are measured on
+    max_seq_len: int = 256
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,16 @@ def load_compress_recipe(path: str | Path) -> CompressRecipe:
             batch_size=number(p, "batch_size", "prune", dp.batch_size, lo=1, kind=int),
             max_seq_len=number(p, "max_seq_len", "prune", dp.max_seq_len, lo=16, kind=int),
         )
-        qz = section(raw, "quantize", "", {"enabled", "sources"})
-        sources = tuple(get(qz, "sources", "quantize", list, list(QuantizeSpec().sources)))
+        qz = section(raw, "quantize", "", QuantizeSpec)
+        dz = QuantizeSpec()
+        sources = tuple(get(qz, "sources", "quantize", list, list(dz.sources)))
         for s in sources:
             one_of(s, QUANTIZE_SOURCES, "quantize.sources", "source")
-        quantize = QuantizeSpec(enabled=get(qz, "enabled", "quantize", bool, True), sources=sources)
+        quantize = QuantizeSpec(enabled=get(qz, "enabled", "quantize", bool, True), sources=sources,
+                                smooth_alpha=number(qz, "smooth_alpha", "quantize", dz.smooth_alpha, lo=0.0, hi=1.0),
+                                calibration_rows=number(qz, "calibration_rows", "quantize", dz.calibration_rows, lo=1,
+                                                        kind=int),
+                                max_seq_len=number(qz, "max_seq_len", "quantize", dz.max_seq_len, lo=16, kind=int))
         m = section(raw, "merge", "", MergeSpec)
         merge = MergeSpec(enabled=get(m, "enabled", "merge", bool, True),
                           max_drop=number(m, "max_drop", "merge", MergeSpec().max_drop, lo=0.0, hi=1.0))

@@ -177,14 +177,16 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
     notes: list[str] = []
     merge_steps: list[dict] = []
 
-    def evaluate(model, tok, label: str) -> measure.Measurement:
-        log(f"measuring {label} on the quick suite ({len(qs.tasks)} tasks x {qs.examples} items) and diversity")
+    def evaluate(model, tok, label: str, diversity: bool = True) -> measure.Measurement:
+        log(f"measuring {label} on the quick suite ({len(qs.tasks)} tasks x {qs.examples} items)"
+            + (" and diversity" if diversity else ""))
         return measure.measure_model(model, tok, suites, list(qs.tasks), qs.examples, gate_recipe.batch_size, judge,
-                                     gate_recipe.max_context_tokens, qs.diversity_samples)
+                                     gate_recipe.max_context_tokens, qs.diversity_samples if diversity else 0, log=log)
 
     with candidates.lease(db_path, parent.candidate_id, f"compress {run_id}"):
         served, tok = load_for_eval(parent_dir)
         made: list[tuple[str, candidates.Candidate]] = []
+        reuse: dict[str, measure.Measurement] = {}  # candidate id -> its quick-suite result, already measured
         source, source_cand = served, parent  # the float model compressed candidates are derived from
         derive = True
         if quantize.is_int8(parent_dir):
@@ -195,7 +197,12 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                 from sleep_pipeline.train.modeling import load_pretrained
 
                 base = load_pretrained(adapter_base(parent_dir))
-                score = lambda m: evaluate(m, tok, "a merge A/B side").groups  # noqa: E731
+                sides: dict[int, measure.Measurement] = {}
+
+                def score(m):
+                    sides[id(m)] = evaluate(m, tok, "a merge A/B side", diversity=False)
+                    return sides[id(m)].groups
+
                 res = merge_adapters(base, [parent_dir], score, recipe.merge.max_drop, log=log)
                 merge_steps = [s.__dict__ for s in res.steps]
                 if res.merged:
@@ -203,6 +210,8 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                                           _lineage(parent, recipe, "merged", {"adapters": res.merged}), "merged")
                     made.append(("merged", cand))
                     source, source_cand = res.model, cand
+                    # the A/B check's B side is this very model on this very suite: not evaluated twice
+                    reuse[cand.candidate_id] = sides[id(res.model)]
                 else:
                     notes.append("the LoRA merge was skipped (it regresses: " + "; ".join(s.reason for s in res.steps)
                                  + "); the unmerged parent passes through and nothing is derived from it")
@@ -256,17 +265,26 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                     import copy
 
                     model = copy.deepcopy(model)
-                qmodel, tensors, info = quantize.quantize(model)
+                qz = recipe.quantize
+                calib = (_batches(tok, train_rows[: qz.calibration_rows], 4, qz.max_seq_len)
+                         if qz.smooth_alpha > 0 else None)
+                qmodel, tensors, info = quantize.quantize(model, calibration=calib, alpha=qz.smooth_alpha)
                 kind = "int8" if name == "parent" else f"{name}+int8"
                 made.append((kind, _publish_model(storage_root, db_path, qmodel, tok,
-                                                  _lineage(of, recipe, kind, {"method": info["method"], "of": name}),
+                                                  _lineage(of, recipe, kind, {"method": info["method"], "of": name,
+                                                                              "smoothquant": info["smoothquant"]}),
                                                   kind.replace("+", "-"),
                                                   int8=(tensors, info))))
         del served, source
         points = []
         for kind, cand in [("parent", parent), *made]:
             model, mtok = load_for_eval(Path(cand.path))
-            m = evaluate(model, mtok, f"{kind} {cand.short}")
+            if cand.candidate_id in reuse:
+                m = reuse[cand.candidate_id]
+                log(f"{kind} {cand.short}: the quick suite as measured in the merge's A/B check; diversity now")
+                m.diversity = measure.sample_diversity(model, mtok, samples_per_prompt=qs.diversity_samples)
+            else:
+                m = evaluate(model, mtok, f"{kind} {cand.short}")
             del model
             log(f"measuring the cost of {kind} {cand.short} (a fresh process: size, latency, peak memory, CPU time)")
             c = measure_cost(Path(cand.path), batch_size=recipe.cost.batch_size, new_tokens=recipe.cost.new_tokens)

@@ -392,8 +392,9 @@ def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: 
         "compared with release": report.live_version or "none (first release)",
         **({"compression": f"{manifest['compression']} of {(manifest.get('parents') or ['?'])[0][:12]}"}
            if manifest.get("compression") else {}),
-        "training": f"{manifest.get('steps', '?')} steps, {manifest.get('tokens', '?')} tokens, "
-                    f"validation loss {manifest.get('initial_validation_loss')} -> {manifest.get('validation_loss')}",
+        "training": (f"{manifest.get('steps', '?')} steps, {manifest.get('tokens', '?')} tokens, "
+                     f"validation loss {manifest.get('initial_validation_loss')} -> {manifest.get('validation_loss')}"
+                     if manifest.get("steps") is not None else "none of its own (see its parent's manifest)"),
     }
     risks = list(verdict.failures) + list(verdict.risks)
     for task, n in sorted((report.verdict.get("truncated") or {}).items()):
