@@ -130,6 +130,9 @@ def test_int8_activations_are_scaled_per_token_so_one_loud_row_does_not_ruin_the
     import pickle
 
     assert torch.equal(copy.deepcopy(layer)(x), layer(x)) and torch.equal(pickle.loads(pickle.dumps(layer))(x), layer(x))
+    # its tensors are buffers, so moving the model to a GPU moves them; the state dict stays empty (the
+    # checkpoint stores them under quantize's own names)
+    assert {n for n, _ in layer.named_buffers()} == {"qweight", "scale", "bias_value"} and not layer.state_dict()
 
 
 def test_smoothing_keeps_the_float_model_and_helps_its_int8_form(tokenizer):

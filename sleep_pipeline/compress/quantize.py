@@ -56,10 +56,12 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        # plain attributes, not buffers: the stored form is written and read by quantize/load_int8
-        self.qweight = q.contiguous()
-        self.scale = scale.to(torch.float32).contiguous()
-        self.bias_value = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        # buffers, so ``model.to(device)`` moves them; not persistent: the stored form is written and
+        # read by quantize/load_int8 under the names ``<module>.qweight`` / ``.scale`` / ``.bias``
+        self.register_buffer("qweight", q.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.to(torch.float32).contiguous(), persistent=False)
+        self.register_buffer("bias_value", None if bias is None else bias.detach().to(torch.float32).contiguous(),
+                             persistent=False)
         self._packed = None
 
     def __getstate__(self):  # fbgemm's packed weight is rebuilt on demand, never copied or pickled
@@ -79,8 +81,10 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        if x2.shape[0] == 1 and torch.backends.quantized.engine in ("fbgemm", "x86"):
+        if x2.device.type == "cpu" and x2.shape[0] == 1 and torch.backends.quantized.engine in ("fbgemm", "x86"):
             y = torch.ops.quantized.linear_dynamic(x2, self._single_row(), True)
+        elif x2.device.type != "cpu" and x2.shape[0] <= 16:  # CUDA's int8 matmul wants more than 16 rows
+            y = torch.nn.functional.linear(x2, self.qweight.to(torch.float32) * self.scale[:, None], self.bias_value)
         else:
             s = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
             xq = torch.round(x2 / s).to(torch.int8)
@@ -170,6 +174,15 @@ def _has(module, dotted: str) -> bool:
     return True
 
 
+def _plain_buffers(model):
+    """Buffers stored as they are: not the rotary tables (rebuilt from the config), not an int8 layer's
+    own (stored as ``qweight``/``scale``/``bias``)."""
+    int8 = {n for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    for name, b in model.named_buffers():
+        if not name.endswith("inv_freq") and name.rpartition(".")[0] not in int8:
+            yield name, b
+
+
 def _linear_names(model) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
 
@@ -198,8 +211,8 @@ def quantize(model, calibration: list[dict] | None = None, alpha: float = 0.5) -
     for name, p in model.named_parameters():
         if name != f"{emb_name}.weight":
             tensors[name] = p.detach().to(torch.float32).contiguous()
-    for name, b in model.named_buffers():
-        if not name.endswith("inv_freq") and name not in tensors:  # rotary tables are rebuilt from the config
+    for name, b in _plain_buffers(model):
+        if name not in tensors:
             tensors[name] = b.detach().contiguous()
     info = {"method": METHOD, "weights": WEIGHTS, "linear": names, "embedding": emb_name,
             "smoothquant": {"alpha": alpha, "groups": smoothed} if smoothed else None,
@@ -243,7 +256,7 @@ def load_int8(path: Path):
     tensors[f"{emb}.weight"] = q.to(torch.float32) * scale[:, None]
     # plain float tensors are copied in one by one: load_state_dict would walk into the int8 modules,
     # which expect their own serialisation
-    wanted = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if not n.endswith("inv_freq")}
+    wanted = {n for n, _ in model.named_parameters()} | {n for n, _ in _plain_buffers(model)}
     unexpected = sorted(set(tensors) - wanted)
     missing = sorted(wanted - set(tensors))
     if missing or unexpected:
