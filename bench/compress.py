@@ -77,9 +77,9 @@ def smoke_home(tmp: Path) -> tuple[Path, Path]:
     return home, recipes
 
 
-def frozen_scores(db: Path, home: Path, parent, gate_recipe, points, items: int) -> dict[str, dict[str, float]]:
+def frozen_scores(db: Path, home: Path, parent, gate_recipe, points, items: int) -> dict[str, dict[str, dict[str, float]]]:
     """Every candidate's (and the parent's) headline score on the frozen capability suites, ``items`` each,
-    loaded as served: per kind, suite -> score."""
+    loaded as served: per kind, ``{"score": {suite: value}, "stderr": {suite: value}}``."""
     from sleep_pipeline import candidates
     from sleep_pipeline.gate import run as gate_run
     from sleep_pipeline.gate.evaluate import evaluate, load_for_eval
@@ -92,11 +92,10 @@ def frozen_scores(db: Path, home: Path, parent, gate_recipe, points, items: int)
         model, tok = load_for_eval(Path(candidates.get(db, p.candidate_id).path))
         ev = evaluate(model, tok, suites, tasks=list(FROZEN_CAPABILITY), limit=items, batch_size=gate_recipe.batch_size,
                       judge=make_judge(gate_recipe.judge), keep_samples=False, max_length=gate_recipe.max_context_tokens)
-        out[p.kind] = {t: round(ev.scores[t][TASK_BY_NAME[t].headline.name].value, 4) for t in FROZEN_CAPABILITY
-                       if t in ev.scores}
-        out[p.kind + ":stderr"] = {t: round(ev.scores[t][TASK_BY_NAME[t].headline.name].stderr or 0.0, 4)
-                                   for t in FROZEN_CAPABILITY if t in ev.scores}
-        print(f"frozen capability of {p.kind}: {out[p.kind]} ({items} items each)", file=sys.stderr, flush=True)
+        headline = {t: ev.scores[t][TASK_BY_NAME[t].headline.name] for t in FROZEN_CAPABILITY if t in ev.scores}
+        out[p.kind] = {"score": {t: round(m.value, 4) for t, m in headline.items()},
+                       "stderr": {t: round(m.stderr or 0.0, 4) for t, m in headline.items()}}
+        print(f"frozen capability of {p.kind}: {out[p.kind]['score']} ({items} items each)", file=sys.stderr, flush=True)
         del model
     return out
 
@@ -169,7 +168,7 @@ def run(args, tmp: Path, emit) -> int:
     frozen = frozen_scores(db, home, parent, gate_recipe, out.points, args.frozen_items)
 
     def frozen_capability(point) -> float | None:
-        vals = list(frozen[point.kind].values())
+        vals = list(frozen[point.kind]["score"].values())
         return sum(vals) / len(vals) if vals else None
 
     report_candidates = {}
@@ -184,7 +183,7 @@ def run(args, tmp: Path, emit) -> int:
             "latency_ratio_batch": ratio(med["parent"]["latency_ms_per_token_batch"], med[p.kind]["latency_ms_per_token_batch"]),
             "capability_delta_points": round(100 * (p.capability - base.capability), 2),
             "frozen_capability_delta_points": round(100 * (fc - fb), 2) if fc is not None and fb is not None else None,
-            "frozen_capability": frozen[p.kind], "frozen_capability_stderr": frozen[p.kind + ":stderr"],
+            "frozen_capability": frozen[p.kind]["score"], "frozen_capability_stderr": frozen[p.kind]["stderr"],
             "reasoning_delta_points": round(100 * (p.groups.get("reasoning", 0) - base.groups.get("reasoning", 0)), 2),
             "distinct_2": p.groups.get("diversity"), "selected": p.selected, "verdict": p.verdict,
             "cost": med[p.kind],
@@ -198,8 +197,8 @@ def run(args, tmp: Path, emit) -> int:
                  "frozen_capability": sel["frozen_capability_delta_points"] is not None
                  and -sel["frozen_capability_delta_points"] <= TARGETS["frozen_capability_points_lost"]}
     emit({"smoke": bool(args.smoke), "recipes": str(recipes), "parent": {"candidate_id": base.candidate_id,
-          "capability": base.capability, "frozen_capability": frozen["parent"],
-          "frozen_capability_stderr": frozen["parent:stderr"], "cost": med["parent"]},
+          "capability": base.capability, "frozen_capability": frozen["parent"]["score"],
+          "frozen_capability_stderr": frozen["parent"]["stderr"], "cost": med["parent"]},
           "frozen_items": args.frozen_items,
           "repeats": args.repeats, "candidates": report_candidates, "selected": chosen.kind,
           "targets": TARGETS, "selected_meets_targets": meets, "compress_seconds": out.seconds})

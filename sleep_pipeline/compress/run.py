@@ -254,6 +254,8 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                 made.append(("distilled", distilled_cand))
                 notes.append(f"distillation teacher: {why}")
         if derive and recipe.quantize.enabled:
+            qz = recipe.quantize
+            calib = _batches(tok, train_rows[: qz.calibration_rows], 4, qz.max_seq_len) if qz.smooth_alpha > 0 else None
             sources = {"parent": (source, source_cand), "pruned": (None, pruned_cand), "distilled": (None, distilled_cand)}
             for name in recipe.quantize.sources:
                 model, of = sources[name]
@@ -265,9 +267,6 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                     import copy
 
                     model = copy.deepcopy(model)
-                qz = recipe.quantize
-                calib = (_batches(tok, train_rows[: qz.calibration_rows], 4, qz.max_seq_len)
-                         if qz.smooth_alpha > 0 else None)
                 qmodel, tensors, info = quantize.quantize(model, calibration=calib, alpha=qz.smooth_alpha)
                 kind = "int8" if name == "parent" else f"{name}+int8"
                 made.append((kind, _publish_model(storage_root, db_path, qmodel, tok,
