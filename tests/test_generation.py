@@ -117,3 +117,22 @@ def test_generated_blocks_of_different_lengths_stack_into_one_batch():
     short, long = torch.ones(2, 5, dtype=torch.long), torch.full((3, 9), 7, dtype=torch.long)
     out = stack_right_padded([short, long], pad_id=0)
     assert out.shape == (5, 9) and out[:2, 5:].eq(0).all() and out[:2, :5].eq(1).all() and out[2:].eq(7).all()
+
+
+def test_sampling_is_seeded_per_row_and_a_tiny_nucleus_is_greedy(lm):
+    from sleep_pipeline.gate.generation import sample_generate
+
+    model, tok = lm
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    width = enc.input_ids.shape[1] + NEW_TOKENS
+    greedy = greedy_generate(model, tok, enc.input_ids, enc.attention_mask, width)
+    # a nucleus holding only the most likely token is greedy decoding, whatever the temperature
+    nucleus = sample_generate(model, tok, enc.input_ids, enc.attention_mask, width, temperature=1.5, top_p=1e-9)
+    assert torch.equal(nucleus, greedy)
+    a = sample_generate(model, tok, enc.input_ids, enc.attention_mask, width, temperature=1.5, seed=3)
+    b = sample_generate(model, tok, enc.input_ids, enc.attention_mask, width, temperature=1.5, seed=3)
+    c = sample_generate(model, tok, enc.input_ids, enc.attention_mask, width, temperature=1.5, seed=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, greedy)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_generate(model, tok, enc.input_ids, enc.attention_mask, width, temperature=0.0)

@@ -1,4 +1,4 @@
-"""Greedy batched generation that retires finished rows.
+"""Batched generation (greedy, or sampled for Dream) that retires finished rows.
 
 ``transformers``' ``generate`` keeps every row of a batch in every decoding step until the last row
 stops, and lm-eval's stop-sequence criteria only end a batch when *all* rows have produced a stop
@@ -11,7 +11,9 @@ Outputs follow lm-eval's conventions for ``_model_generate``: the prompt (left-p
 the generated tokens, finished rows padded with the pad token. A row's text up to its first stop
 string is what one-at-a-time generation produces (greedy decoding, same stop rules: the stop string
 is looked for in the decoded last ``len(stop tokens) + 2`` generated tokens, as lm-eval does).
-Anything but plain greedy decoding (sampling, beams, logits processors) is left to ``generate``.
+:func:`sample_generate` decodes the same way with temperature and nucleus sampling (Dream's
+self-consistency draws several answers per prompt). Anything else (beams, logits processors) is left to
+``generate``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,39 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def greedy_generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
                     stop: list[str] | None = None) -> torch.Tensor:
     """Greedy continuation of left-padded ``input_ids`` up to ``max_length`` tokens in all."""
+    return _decode(model, tokenizer, input_ids, attention_mask, max_length, stop,
+                   lambda logits, rows: logits.float().argmax(-1))
+
+
+@torch.inference_mode()
+def sample_generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
+                    stop: list[str] | None = None, temperature: float = 0.8, top_p: float = 0.95,
+                    seed: int = 0) -> torch.Tensor:
+    """Sampled continuation (temperature, then nucleus ``top_p``) of left-padded ``input_ids``, with the
+    same retiring of finished rows as :func:`greedy_generate`. Every row draws from its own generator
+    seeded with ``seed`` and its row index, so a row's sample does not depend on which other rows are
+    still in the batch: the same inputs and seed give the same texts, whatever the batch."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy_generate")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    gens = [torch.Generator(device=input_ids.device).manual_seed(seed * 1_000_003 + i) for i in range(input_ids.shape[0])]
+
+    def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is full
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        return torch.stack([torch.multinomial(probs[k], 1, generator=gens[int(r)])[0] for k, r in enumerate(rows)])
+
+    return _decode(model, tokenizer, input_ids, attention_mask, max_length, stop, choose)
+
+
+def _decode(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
+            stop: list[str] | None, choose) -> torch.Tensor:
+    """The decoding loop: ``choose(logits, rows)`` picks each remaining row's next token (``rows``: the
+    rows' indices in ``input_ids``)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -126,7 +161,7 @@ def greedy_generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: t
     rows = torch.arange(batch, device=input_ids.device)  # which output row each batch row writes to
     taken = 0
     for step in range(steps):
-        token = logits.float().argmax(-1)
+        token = choose(logits, rows)
         out[rows, prompt_len + step] = token
         taken = step + 1
         done = torch.isin(token, eos) if eos.numel() else torch.zeros_like(token, dtype=torch.bool)
