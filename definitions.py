@@ -14,15 +14,17 @@ import dagster as dg
 
 from assets.compress import compressed_checkpoint
 from assets.data import build_data_assets
+from assets.dream import dream_set, red_team_library
 from assets.gate import capability_gate, gate_report, gate_suites, gated_release, safety_gate
 from assets.learn import trained_checkpoint
 from assets.release import rollback_release
 from resources.deepspeed import DeepSpeedClusterResource
-from resources.storage import (CompressRecipeResource, DataRecipeResource, GateRecipeResource, StorageResource,
-                               TrainRecipeResource)
+from resources.storage import (CompressRecipeResource, DataRecipeResource, DreamRecipeResource, GateRecipeResource,
+                               StorageResource, TrainRecipeResource)
 from schedules.jobs import SCHEDULES, sleep_cycle_job
 from sleep_pipeline.compress.recipe import load_compress_recipe
 from sleep_pipeline.config import load_data_recipe
+from sleep_pipeline.dream.recipe import load_dream_recipe
 from sleep_pipeline.gate.decide import load_gate_recipe
 from sleep_pipeline.train.recipe import load_train_recipe
 
@@ -38,9 +40,11 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     compress = load_compress_recipe(recipes_dir / "compress.yaml")
     if compress.distil.enabled:
         load_train_recipe(compress.distil.recipe, storage_dir)
+    load_dream_recipe(recipes_dir / "dream.yaml")
     assets, checks = build_data_assets(recipe)
     return dg.Definitions(
-        assets=[*assets, trained_checkpoint, compressed_checkpoint, gate_suites, gate_report, gated_release],
+        assets=[*assets, trained_checkpoint, compressed_checkpoint, red_team_library, dream_set, gate_suites, gate_report,
+                gated_release],
         asset_checks=[*checks, capability_gate, safety_gate],
         jobs=[sleep_cycle_job, rollback_release],
         schedules=SCHEDULES,
@@ -50,6 +54,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
             "learn_recipe": TrainRecipeResource(path=str(recipes_dir / "learn.yaml"), storage_dir=str(storage_dir)),
             "gate_recipe": GateRecipeResource(path=str(recipes_dir / "gate.yaml")),
             "compress_recipe": CompressRecipeResource(path=str(recipes_dir / "compress.yaml")),
+            "dream_recipe": DreamRecipeResource(path=str(recipes_dir / "dream.yaml")),
             "deepspeed": DeepSpeedClusterResource(
                 accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),
                 num_gpus=int(os.environ.get("SLEEP_PIPELINE_NUM_GPUS", "2")),

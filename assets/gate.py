@@ -54,9 +54,9 @@ def gate_suites(context: dg.AssetExecutionContext, storage: StorageResource,
 
 @dg.asset(
     group_name=GATE_GROUP,
-    deps=["compressed_checkpoint", "gate_suites"],
+    deps=["compressed_checkpoint", "dream_set", "gate_suites"],
     kinds={"lm_eval", "duckdb"},
-    description="Evaluate the candidate compressed_checkpoint selected (plus the live release and the model it started "
+    description="After Dream, evaluate the candidate compressed_checkpoint selected (plus the live release and the model it started "
                 "from) on suites held out from its own data version, through lm-eval; every metric with its standard "
                 "error, threshold and delta; the verdict and a model card are stored. A failed gate records the "
                 "rejection and feeds hard examples to the replay table.",

@@ -7,6 +7,7 @@ import dagster as dg
 
 from sleep_pipeline.compress.recipe import CompressRecipe, load_compress_recipe
 from sleep_pipeline.config import DataRecipe, load_data_recipe
+from sleep_pipeline.dream.recipe import DreamRecipe, load_dream_recipe
 from sleep_pipeline.gate.decide import GateRecipe, load_gate_recipe
 from sleep_pipeline.train.recipe import TrainRecipe, load_train_recipe
 
@@ -70,3 +71,12 @@ class CompressRecipeResource(dg.ConfigurableResource):
 
     def load(self) -> CompressRecipe:
         return load_compress_recipe(self.path)
+
+
+class DreamRecipeResource(dg.ConfigurableResource):
+    """The Dream recipe (``recipes/dream.yaml``): generator, strategies, quality gate, rater sample."""
+
+    path: str
+
+    def load(self) -> DreamRecipe:
+        return load_dream_recipe(self.path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -171,6 +172,43 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rater_next(args: argparse.Namespace) -> int:
+    from sleep_pipeline.dream import rater
+
+    item = rater.next_pending(_home(args) / "sleep.duckdb", args.batch)
+    if item is None:
+        print("nothing to review: every queued dream item has a decision")
+        return 0
+    print(f"batch {item['batch_id']}  item {item['item_id']}  strategy {item['strategy']}  bucket {item['bucket']}")
+    if item["system"]:
+        print(f"--- system\n{item['system']}")
+    print(f"--- prompt\n{item['prompt']}\n--- {'chosen answer' if item['rejected'] is not None else 'answer'}\n{item['chosen']}")
+    if item["rejected"] is not None:
+        print(f"--- rejected answer (the model should prefer the one above)\n{item['rejected']}")
+    print(f"--- decide: sleep-pipeline rater approve {item['item_id'][:12]}   |   "
+          f"sleep-pipeline rater reject {item['item_id'][:12]} --note WHY")
+    return 0
+
+
+def cmd_rater_decide(args: argparse.Namespace) -> int:
+    from sleep_pipeline.dream import rater
+
+    db = _home(args) / "sleep.duckdb"
+    row = rater.decide(db, args.item, args.rater_command, args.reviewer, args.note or "", args.batch)
+    status = rater.batch_status(db, row["batch_id"])
+    print(f"{row['status']} {row['item_id'][:12]} in batch {row['batch_id']}: batch {status['state']} "
+          f"({status['approved']} approved, {status['rejected']} rejected, {status['pending']} pending)")
+    return 0
+
+
+def cmd_redteam_add(args: argparse.Namespace) -> int:
+    from sleep_pipeline.dream import redteam
+
+    n = redteam.add_curated(_home(args) / "sleep.duckdb", Path(args.file), args.curator)
+    print(f"added {n} curated entries to the red-team library")
+    return 0
+
+
 def _home_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="storage dir (default: $SLEEP_PIPELINE_HOME or ./.sleep_pipeline)")
 
@@ -239,6 +277,29 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--quiet", action="store_true", help="no progress lines")
     _home_arg(im)
     im.set_defaults(func=cmd_import)
+    ra = sub.add_parser("rater", help="Spot-check dream items: a release waits for its dream batch's review.")
+    ra_sub = ra.add_subparsers(dest="rater_command", required=True)
+    rn = ra_sub.add_parser("next", help="show the oldest queued item without a decision")
+    rn.add_argument("--batch", help="only this dream batch (dream id)")
+    _home_arg(rn)
+    rn.set_defaults(func=cmd_rater_next)
+    for verb in ("approve", "reject"):
+        rd = ra_sub.add_parser(verb, help=f"{verb} a queued item (id or unique prefix)")
+        rd.add_argument("item")
+        rd.add_argument("--reviewer", default=os.environ.get("USER") or "", help="who decides (default: $USER)")
+        rd.add_argument("--note", help="why (shown in the queue)")
+        rd.add_argument("--batch", help="the dream batch, where an item id prefix is ambiguous")
+        _home_arg(rd)
+        rd.set_defaults(func=cmd_rater_decide)
+
+    rt = sub.add_parser("redteam", help="The red-team library.")
+    rt_sub = rt.add_subparsers(dest="redteam_command", required=True)
+    radd = rt_sub.add_parser("add", help="add people's curated attacks from a JSONL file "
+                                         "(category, attack_prompt; optional transform, seed_prompt, response, succeeded)")
+    radd.add_argument("file")
+    radd.add_argument("--curator", default=os.environ.get("USER") or "curator")
+    _home_arg(radd)
+    radd.set_defaults(func=cmd_redteam_add)
     return parser
 
 

@@ -24,11 +24,21 @@ def pytest_sessionstart(session):
 def copy_recipes(dest: Path) -> Path:
     """The shipped recipes in ``dest``, Compress shrunk (:func:`shrink_compress`)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml", "compress.yaml", "distil.yaml"):
+    for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml", "compress.yaml", "distil.yaml", "dream.yaml"):
         shutil.copy(RECIPES / name, dest / name)
     shutil.copytree(RECIPES / "model", dest / "model", dirs_exist_ok=True)
     shutil.copytree(RECIPES / "lm_eval_tasks", dest / "lm_eval_tasks", dirs_exist_ok=True)
-    return shrink_compress(dest)
+    return shrink_dream(shrink_compress(dest))
+
+
+def shrink_dream(recipes: Path) -> Path:
+    """The shipped Dream recipe with a few prompts per strategy (the plumbing is the subject)."""
+    raw = yaml.safe_load((recipes / "dream.yaml").read_text())
+    raw["self_consistency"].update(prompts=4, samples=2, max_new_tokens=16)
+    raw["counterfactual"].update(items=6)
+    raw["red_team"].update(seeds=8, benign=4, max_new_tokens=16, library_per_cell=1)
+    (recipes / "dream.yaml").write_text(yaml.safe_dump(raw))
+    return recipes
 
 
 def shrink_compress(recipes: Path, examples: int = 4, steps: int = 4) -> Path:

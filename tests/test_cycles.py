@@ -91,6 +91,10 @@ def test_cycles_on_one_storage_each_gate_their_own_candidate(tmp_path, storage, 
         assert compressed["parent_candidate_id"] == learn["candidate_id"]
         chosen = candidates.get(db, compressed["candidate_id"])
         assert learn["candidate_id"] in [a.candidate_id for a in candidates.ancestors(db, chosen.candidate_id)]
+        # Dream dreamed on that candidate: items accepted, the red-team library refreshed against it
+        dreamed, library = _meta(run, "dream_set"), _meta(run, "red_team_library")
+        assert dreamed["candidate_id"] == chosen.candidate_id and dreamed["accepted"] > 0
+        assert library["candidate_id"] == chosen.candidate_id and library["attacks"] > 0
         report = gate.get_report(db, _meta(run, "gate_report")["report_id"])
         assert report.candidate_id == chosen.candidate_id and report.data_version == mix["version_id"]
         assert candidates.get(db, learn["candidate_id"]).data_version == mix["version_id"]
@@ -112,6 +116,7 @@ def test_cycles_on_one_storage_each_gate_their_own_candidate(tmp_path, storage, 
     assert learn4["unchanged"] is True and learn4["candidate_id"] == learn3["candidate_id"]
     compressed4 = _meta(fourth, "compressed_checkpoint")
     assert compressed4["unchanged"] is True and compressed4["candidate_id"] == gated[False]
+    assert _meta(fourth, "dream_set")["unchanged"] is True  # the same candidate and recipe: not dreamed again
     out = _meta(fourth, "gated_release")
     assert out["unchanged"] is True and "earlier release v0001" in out["outcome"]
     assert len(registry.list_releases(db)) == 2 and registry.live(db).version == "v0002"
