@@ -27,7 +27,7 @@ from typing import Iterable
 
 from sleep_pipeline.data.clean import repetition_share
 from sleep_pipeline.dream.verify import ANSWER_LINE
-from sleep_pipeline.gate.heldout import normalise
+from sleep_pipeline.gate.heldout import normalise, request_of
 
 CONTAINED_MIN_CHARS = 24  # an eval request at least this long counts when it occurs inside a dream prompt
 SHINGLE_WORDS = 3
@@ -57,20 +57,15 @@ def suite_prompts(suites_dir: Path | None, include_frozen: bool = True) -> dict[
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     doc = json.loads(line)
-                    out[f"{path.stem}/{doc.get('id')}"] = _request(doc)
+                    out[f"{path.stem}/{doc.get('id')}"] = request_of(doc)
     if include_frozen:
         from sleep_pipeline.gate import heldout
+        from sleep_pipeline.gate.suites import FROZEN_TASKS
 
-        for task in ("ho_harmful", "ho_jailbreak", "ho_everyday", "ho_alarming_benign", "ho_reasoning", "ho_tool_use"):
-            for doc in heldout.docs_for(task):
-                out.setdefault(f"{task}/{doc['id']}", _request(doc))
+        for task in FROZEN_TASKS:
+            for doc in heldout.docs_for(task.name):
+                out.setdefault(f"{task.name}/{doc['id']}", request_of(doc))
     return {k: v for k, v in out.items() if v}
-
-
-def _request(doc: dict) -> str:
-    meta = doc.get("meta")
-    meta = json.loads(meta) if isinstance(meta, str) and meta.startswith("{") else (meta if isinstance(meta, dict) else {})
-    return str(meta.get("request") or doc.get("prompt") or "")
 
 
 def _shingles(text: str) -> set[str]:

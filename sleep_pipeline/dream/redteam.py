@@ -158,6 +158,15 @@ def coverage_markdown(cov: dict) -> str:
     return "succeeded / attempts per harm category and transform\n\n" + "\n".join(lines)
 
 
+def judged(attempts: list[tuple[str, str, dict, str]], answers: list[str], defender, judge,
+           attacker: str = "rules") -> list[dict]:
+    """Library entries of ``attempts`` (category, transform, seed row, attack prompt) and the defender's
+    ``answers``: an attack succeeded when the judge says the answer is not a refusal."""
+    return [{"transform": name, "category": cat, "seed_prompt": row["prompt"], "attack_prompt": prompt,
+             "response": answer, "succeeded": not judge.refused(prompt, answer), "defender": defender.identity,
+             "attacker": attacker} for (cat, name, row, prompt), answer in zip(attempts, answers)]
+
+
 def attack_grid(harmful: list[dict], transforms: list[str], per_cell: int, defender, judge, rng: random.Random,
                 max_new_tokens: int, attacker: str = "rules") -> list[dict]:
     """A library refresh: every harm category of ``harmful`` (rows with ``meta.category`` and a refusal as
@@ -173,9 +182,7 @@ def attack_grid(harmful: list[dict], transforms: list[str], per_cell: int, defen
             for row in rng.sample(by_cat[cat], min(per_cell, len(by_cat[cat]))):
                 attempts.append((cat, name, row, TRANSFORMS[name](row["prompt"], rng)))
     answers = defender.greedy([(r.get("system") or "", p) for _, _, r, p in attempts], max_new_tokens)
-    return [{"transform": name, "category": cat, "seed_prompt": row["prompt"], "attack_prompt": prompt,
-             "response": answer, "succeeded": not judge.refused(prompt, answer), "defender": defender.identity,
-             "attacker": attacker} for (cat, name, row, prompt), answer in zip(attempts, answers)]
+    return judged(attempts, answers, defender, judge, attacker)
 
 
 def success_plot_markdown(cov: dict, title: str = "Attack success rate per transform") -> str:

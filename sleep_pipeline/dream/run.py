@@ -22,7 +22,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sleep_pipeline import candidates
@@ -35,6 +35,7 @@ from sleep_pipeline.dream.recipe import DreamRecipe
 from sleep_pipeline.dream.verify import row_meta
 from sleep_pipeline.dream.strategies import Counterfactual, DreamItem, RedTeam, Replay, SelfConsistency
 from sleep_pipeline.store import connect, insert_rows, query_dicts, table_exists, utcnow
+from sleep_pipeline.train.modeling import read_jsonl
 
 DREAM_TABLE = "dream_set"
 DREAM_COLUMNS = ("dream_id", "item_id", "strategy", "bucket", "system", "prompt", "chosen", "rejected", "source_id",
@@ -66,7 +67,6 @@ class DreamResult:
     rater_batch: list[str]
     seconds: float
     unchanged: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def ensure_schema(con) -> None:
@@ -75,11 +75,6 @@ def ensure_schema(con) -> None:
 
 def dreams_root(home: Path) -> Path:
     return Path(home) / "dreams"
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def make_generator(spec, db_path: Path, cand: candidates.Candidate, candidate_generator):
@@ -127,9 +122,9 @@ def dream(db_path: Path, home: Path, candidate_id: str, recipe: DreamRecipe, gat
     if cand.status in candidates.GONE:
         raise DreamError(f"candidate {cand.short} is {cand.status}: nothing to dream on")
     files = manifest_of(db_path, cand.data_version)["files"]
-    train_rows = _read_jsonl(Path(files["train"]))
+    train_rows = read_jsonl(Path(files["train"]))
     corpus = [(r["prompt"], r["response"]) for split in ("train", "validation") if split in files
-              for r in _read_jsonl(Path(files[split]))]
+              for r in read_jsonl(Path(files[split]))]
     with connect(db_path) as con:
         pool = replay_pool(con) if table_exists(con, REPLAY_TABLE) else []
     dream_id = dream_id_for(cand, recipe, sorted(r["record_id"] for r in pool))
@@ -234,7 +229,7 @@ def _write(out_dir: Path, accepted: list[DreamItem], result: DreamResult, rng: r
     for split, part in (("validation", rows[:n_val]), ("train", rows[n_val:])):
         with open(stage / f"{split}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
-    info = {k: v for k, v in result.__dict__.items() if k not in ("path", "unchanged", "notes")}
+    info = {k: v for k, v in result.__dict__.items() if k not in ("path", "unchanged")}
     (stage / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True))  # written last: marks it complete
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -257,7 +252,7 @@ def refresh_library(db_path: Path, home: Path, candidate_id: str, recipe: DreamR
     from sleep_pipeline.gate.judge import make_judge
 
     cand = candidates.get(db_path, candidate_id)
-    rows = _read_jsonl(Path(manifest_of(db_path, cand.data_version)["files"]["train"]))
+    rows = read_jsonl(Path(manifest_of(db_path, cand.data_version)["files"]["train"]))
     harmful = plain_harmful(rows, recipe)
     if not harmful:
         raise DreamError(f"the train split of {cand.data_version} has no harmful rows with a category to attack with")

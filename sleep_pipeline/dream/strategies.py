@@ -134,30 +134,28 @@ class RedTeam:
             attacker: str = "rules") -> tuple[list[DreamItem], list[dict], dict]:
         """Items, library entries (every attempt) and counts. ``harmful`` rows carry ``meta.category`` and a
         refusal as ``response``; ``benign`` rows a helpful ``response``."""
-        attacks = []
+        attacks = []  # (category, transform, seed row, attack prompt)
         for row in rng.sample(harmful, min(self.seeds, len(harmful))):
             name = rng.choice(self.transforms)
-            attacks.append((row, name, redteam.TRANSFORMS[name](row["prompt"], rng)))
+            attacks.append((row_meta(row).get("category", "unknown"), name, row,
+                            redteam.TRANSFORMS[name](row["prompt"], rng)))
         looks = []
         for row in rng.sample(benign, min(self.benign, len(benign))):
             name = rng.choice(self.transforms)
             looks.append((row, name, redteam.TRANSFORMS[name](row["prompt"], rng)))
-        answers = defender.greedy([(r.get("system") or "", p) for r, _, p in attacks + looks], self.max_new_tokens)
+        answers = defender.greedy([(a[2].get("system") or "", a[3]) for a in attacks]
+                                  + [(r.get("system") or "", p) for r, _, p in looks], self.max_new_tokens)
         refusals = sorted({r["response"] for r in harmful}) or ["I can't help with that."]
-        items, library, stats = [], [], Counter()
-        for (row, name, prompt), answer in zip(attacks, answers[:len(attacks)]):
-            complied = not judge.refused(prompt, answer)
-            category = row_meta(row).get("category", "unknown")
-            library.append({"transform": name, "category": category, "seed_prompt": row["prompt"],
-                            "attack_prompt": prompt, "response": answer, "succeeded": complied,
-                            "defender": defender.identity, "attacker": attacker})
+        items, stats = [], Counter()
+        library = redteam.judged(attacks, answers[:len(attacks)], defender, judge, attacker)
+        for (category, name, row, prompt), entry in zip(attacks, library):
             stats["attacks"] += 1
-            stats["succeeded"] += int(complied)
-            if complied:
+            stats["succeeded"] += int(entry["succeeded"])
+            if entry["succeeded"]:
                 items.append(DreamItem(self.name, row.get("bucket", "safety"), row.get("system") or "", prompt,
-                                       chosen=row["response"], rejected=answer, source_id=row.get("record_id", ""),
-                                       generator=defender.identity, meta={"transform": name, "category": category,
-                                                                          "kind": "attack"}))
+                                       chosen=row["response"], rejected=entry["response"],
+                                       source_id=row.get("record_id", ""), generator=defender.identity,
+                                       meta={"transform": name, "category": category, "kind": "attack"}))
         for (row, name, prompt), answer in zip(looks, answers[len(attacks):]):
             refused = judge.refused(prompt, answer)
             stats["look_alikes"] += 1

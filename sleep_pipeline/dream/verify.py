@@ -9,12 +9,12 @@ and :func:`final_answer` extracts what a chain of thought concluded, so sampled 
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
 
 from sleep_pipeline.data.tasks import _extract_json, score_structured, score_tool_call
+from sleep_pipeline.gate.scoring import _rg_scorer
 
 ANSWER_LINE = re.compile(r"^\s*(?:final\s+)?answer\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 COT_INSTRUCTION = "\n\nThink it through step by step, then give the final answer on its own last line as 'Answer: ...'."
@@ -47,13 +47,6 @@ def task_of(row: dict) -> Task | None:
     if isinstance(inner, dict) and inner.get("schema") and "expected" in inner:
         return Task("structured", {"schema": inner["schema"], "expected": inner["expected"]})
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _rg_scorer(task: str):
-    import reasoning_gym
-
-    return reasoning_gym.get_score_answer_fn(task)
 
 
 def final_answer(task: Task, text: str) -> str:

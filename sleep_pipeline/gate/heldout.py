@@ -225,6 +225,14 @@ def normalise(text: str, symbols: bool = False) -> str:
 SYMBOLIC_TASKS = ("ho_reasoning", "ho_tool_use")  # compared with their symbols kept
 
 
+def request_of(doc: dict) -> str:
+    """What a suite item asks: its ``meta.request`` (the request inside a jailbreak template, say), else
+    its prompt."""
+    meta = doc.get("meta")
+    meta = json.loads(meta) if isinstance(meta, str) and meta.startswith("{") else (meta if isinstance(meta, dict) else {})
+    return str(meta.get("request") or doc.get("prompt") or "")
+
+
 def contamination(docs_by_task: dict[str, list[dict]], training_prompts: Iterable[str],
                   min_chars: int = 24) -> dict[str, list[str]]:
     """Per frozen task, the ids of items whose request (normalised, at least ``min_chars`` long) occurs
@@ -240,7 +248,7 @@ def contamination(docs_by_task: dict[str, list[dict]], training_prompts: Iterabl
         prompts, haystack = views[symbols]
         hits = []
         for d in docs:
-            request = normalise(json.loads(d["meta"]).get("request") or d["prompt"], symbols)
+            request = normalise(request_of(d), symbols)
             if not request:
                 continue
             if (request in prompts) if len(request) < min_chars else (request in haystack):
