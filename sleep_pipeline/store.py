@@ -26,14 +26,28 @@ class DatabaseBusyError(RuntimeError):
     """Another process held the database file for longer than the wait allowed."""
 
 
+HEADER_BYTES = 3 * 4096  # a DuckDB file starts with three 4 KiB header blocks
+
+
 def _is_lock_error(exc: BaseException) -> bool:
     msg = str(exc)
     return "Could not set lock on file" in msg or "Conflicting lock is held" in msg
 
 
+def _being_created(exc: BaseException, path: Path) -> bool:
+    """Another process has created the file and not yet written its header: the file exists, shorter than
+    the header, and DuckDB calls it invalid. A complete but corrupt file is not retried."""
+    try:
+        short = path.stat().st_size < HEADER_BYTES
+    except OSError:
+        short = True  # gone again: the creator is still at it
+    return "not a valid DuckDB database file" in str(exc) and short
+
+
 @contextlib.contextmanager
 def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT_S) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open ``path``, retrying while another process holds its lock; always closed on exit."""
+    """Open ``path``, retrying while another process holds its lock or is still writing the header of the
+    file it just created; always closed on exit."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
@@ -43,7 +57,7 @@ def connect(path: str | Path, read_only: bool = False, wait_s: float = LOCK_WAIT
             con = duckdb.connect(str(path), read_only=read_only)
             break
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
-            if not _is_lock_error(exc):
+            if not (_is_lock_error(exc) or _being_created(exc, path)):
                 raise
             if time.monotonic() >= deadline:
                 raise DatabaseBusyError(

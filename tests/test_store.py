@@ -98,3 +98,28 @@ def test_a_mix_built_on_a_storage_with_replay_rows_does_not_trip_over_an_open_re
     recipe = DataRecipe(sources=(), quality=QualityConfig(), dedup=DedupConfig(), mix=mix)
     manifest = materialize_mix(recipe, db, tmp_path / "mixes")
     assert manifest["counts"]["per_origin"].get("replay", 0) > 0
+
+
+def test_a_file_another_process_is_still_creating_is_waited_for(tmp_path):
+    """Several processes opening a new database at once: one has created the file but not yet written its
+    header when another opens it. The second waits instead of failing with "not a valid DuckDB file"."""
+    import threading
+
+    db = tmp_path / "new.duckdb"
+    db.write_bytes(b"")  # created, header not written yet
+
+    def finish_creating():
+        time.sleep(0.4)
+        db.unlink()
+        duckdb.connect(str(db)).close()
+
+    t = threading.Thread(target=finish_creating)
+    t.start()
+    with connect(db, wait_s=10) as con:
+        assert con.execute("SELECT 1").fetchone()[0] == 1
+    t.join()
+    full = tmp_path / "corrupt.duckdb"
+    full.write_bytes(b"\0" * 3 * 4096)  # as long as a header and still invalid: an error at once
+    with pytest.raises(duckdb.IOException, match="not a valid DuckDB"):
+        with connect(full, wait_s=10):
+            pass
