@@ -14,7 +14,7 @@ import dagster as dg
 
 from assets.compress import compressed_checkpoint
 from assets.data import build_data_assets
-from assets.dream import dream_set, red_team_library
+from assets.dream import dream_set, dreamed_checkpoint, red_team_library
 from assets.gate import capability_gate, gate_report, gate_suites, gated_release, safety_gate
 from assets.learn import trained_checkpoint
 from assets.release import rollback_release
@@ -40,10 +40,13 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     compress = load_compress_recipe(recipes_dir / "compress.yaml")
     if compress.distil.enabled:
         load_train_recipe(compress.distil.recipe, storage_dir)
-    load_dream_recipe(recipes_dir / "dream.yaml")
+    dream = load_dream_recipe(recipes_dir / "dream.yaml")
+    if dream.finetune.enabled:
+        load_train_recipe(dream.finetune.recipe, storage_dir)
     assets, checks = build_data_assets(recipe)
     return dg.Definitions(
-        assets=[*assets, trained_checkpoint, compressed_checkpoint, red_team_library, dream_set, gate_suites, gate_report,
+        assets=[*assets, trained_checkpoint, compressed_checkpoint, red_team_library, dream_set, dreamed_checkpoint,
+                gate_suites, gate_report,
                 gated_release],
         asset_checks=[*checks, capability_gate, safety_gate],
         jobs=[sleep_cycle_job, rollback_release],

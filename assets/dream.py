@@ -1,17 +1,25 @@
-"""Dream phase: ``red_team_library`` (self-play attacks on the candidate, coverage and success rates) and
-``dream_set`` (synthetic items behind the quality gate, a sample queued for people to spot-check).
+"""Dream phase: ``red_team_library`` (self-play attacks on the candidate, coverage and success rates),
+``dream_set`` (synthetic items behind the quality gate, a sample queued for people to spot-check) and
+``dreamed_checkpoint`` (the candidate fine-tuned on blend(dpo pairs, synthetic, sft replay) on the
+DeepSpeed resource), which the Gate judges.
 
-Both start from the candidate ``compressed_checkpoint`` selected. The dreamed candidate (fine-tuning on
-the accepted items) follows them; until it is built the Gate judges the Compress candidate.
+All three start from the candidate ``compressed_checkpoint`` selected.
 """
+
+import json
+from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 
 from assets.lineage import recorded
-from resources.storage import DreamRecipeResource, GateRecipeResource, StorageResource
+from resources.deepspeed import DeepSpeedClusterResource
+from resources.storage import CompressRecipeResource, DreamRecipeResource, GateRecipeResource, StorageResource
 from sleep_pipeline import candidates
-from sleep_pipeline.dream import redteam
+from sleep_pipeline.dream import finetune, redteam
 from sleep_pipeline.dream import run as dream_run
+from sleep_pipeline.plots import loss_curve_markdown
+from sleep_pipeline.train import learn
 
 DREAM_GROUP = "dream"
 
@@ -85,4 +93,81 @@ def dream_set(context: dg.AssetExecutionContext, config: DreamConfig, storage: S
                                            "`sleep-pipeline rater next`"),
         "path": dg.MetadataValue.path(str(out.path)),
         "seconds": out.seconds,
+    })
+
+
+DREAM_WORKER = "sleep_pipeline.train.dream"
+
+
+class DreamedConfig(dg.Config):
+    resume: Literal["auto", "required", "never"] = "auto"  # never = discard intermediate checkpoints
+    force: bool = False  # train again even when the same candidate, blend and recipe made a dreamed candidate
+
+
+@dg.asset(
+    group_name=DREAM_GROUP,
+    deps=["dream_set"],
+    kinds={"deepspeed", "pytorch", "safetensors"},
+    description="The dreamed candidate: the candidate compressed_checkpoint selected, fine-tuned on blend(dpo pairs, "
+                "synthetic, sft replay) of the dream set dream_set recorded (shares from the dream recipe; DPO + SFT "
+                "with trl, full or LoRA) on the DeepSpeed resource, registered with that candidate as its parent. An "
+                "int8 candidate is trained as the float weights it computes with and quantised again. Nothing to "
+                "train on (or fine-tuning disabled): the Compress candidate goes to the Gate unchanged, and the "
+                "metadata says why.",
+)
+def dreamed_checkpoint(context: dg.AssetExecutionContext, config: DreamedConfig, storage: StorageResource,
+                       deepspeed: DeepSpeedClusterResource, dream_recipe: DreamRecipeResource,
+                       compress_recipe: CompressRecipeResource) -> dg.MaterializeResult:
+    recipe = dream_recipe.load()
+    parent_id = recorded(context, "compressed_checkpoint", "candidate_id")
+    dream_id = recorded(context, "dream_set", "dream_id")
+    try:
+        plan = finetune.prepare(storage.db_path, storage.root, parent_id, dream_id, recipe, force=config.force)
+    except (dream_run.DreamError, candidates.CandidateError, KeyError) as exc:
+        raise dg.Failure(str(exc)) from exc
+    common = {"dream_id": dream_id, "dream_parent": plan.parent.candidate_id}
+    if plan.skip:
+        context.log.info(f"not dreaming: {plan.skip}; candidate {plan.parent.short} goes to the Gate unchanged")
+        return dg.MaterializeResult(metadata={**plan.parent.to_metadata(), **common, "trained": False,
+                                              "why_not_trained": plan.skip, "unchanged": True,
+                                              "checkpoint": dg.MetadataValue.path(plan.parent.path)})
+    blend_md = dg.MetadataValue.md(plan.blend.table_markdown()
+                                   + "".join(f"\n\n- {n}" for n in plan.blend.notes))
+    if plan.existing is not None:
+        context.log.info(f"unchanged: candidate {plan.existing.short} was dreamed from {plan.parent.short} on blend "
+                         f"{plan.blend.blend_id} with this recipe; not training again (run config force: true to retrain)")
+        return dg.MaterializeResult(metadata={**plan.existing.to_metadata(), **common, "trained": True,
+                                              "unchanged": True, "blend_id": plan.blend.blend_id, "blend": blend_md,
+                                              "checkpoint": dg.MetadataValue.path(plan.existing.path)})
+    context.log.info(f"dreaming on candidate {plan.parent.short}: {plan.blend.rows} rows "
+                     f"({', '.join(f'{k} {v}' for k, v in plan.blend.counts.items())})")
+    args = finetune.worker_args(plan, storage.root, storage.db_path, recipe)
+    key = f"dream-{plan.blend.blend_id}-{plan.train_recipe.recipe_hash()}-{plan.parent.short}"
+    with learn.claim_run_dir(storage.root / "runs", key, config.resume) as run_dir:
+        context.log.info(f"run directory {run_dir}")
+        results = deepspeed.run(context, DREAM_WORKER, [*args, "--resume", config.resume, "--run-dir", str(run_dir)],
+                                extras={"dream_id": dream_id})
+    reported = {}
+    for r in results:
+        reported.update(r.metadata or {})
+    if "checkpoint" not in reported:
+        raise dg.Failure("the Dream worker finished without reporting a checkpoint")
+    checkpoint = Path(str(getattr(reported["checkpoint"], "value", reported["checkpoint"])))
+    trained, served = finetune.finish(storage.db_path, storage.root, checkpoint, plan, compress_recipe.load(),
+                                      log=context.log.info)
+    metrics_file = run_dir / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    return dg.MaterializeResult(metadata={
+        **{k: v for k, v in reported.items() if k not in ("checkpoint", "checkpoint_sha256", "parents")},
+        **served.to_metadata(),
+        **common,
+        "trained": True,
+        "unchanged": False,
+        "trained_candidate_id": trained.candidate_id,
+        "requantized": served.candidate_id != trained.candidate_id,
+        "blend_id": plan.blend.blend_id,
+        "blend": blend_md,
+        "checkpoint": dg.MetadataValue.path(served.path),
+        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(metrics)),
+        "run_dir": dg.MetadataValue.path(str(run_dir)),
     })

@@ -9,7 +9,7 @@ import json
 import dagster as dg
 
 from assets.lineage import recorded
-from resources.storage import GateRecipeResource, StorageResource
+from resources.storage import DreamRecipeResource, GateRecipeResource, StorageResource
 from sleep_pipeline.gate import render
 from sleep_pipeline.gate import run as gate
 from sleep_pipeline.gate.decide import RHYTHMS
@@ -54,20 +54,22 @@ def gate_suites(context: dg.AssetExecutionContext, storage: StorageResource,
 
 @dg.asset(
     group_name=GATE_GROUP,
-    deps=["compressed_checkpoint", "dream_set", "gate_suites"],
+    deps=["dreamed_checkpoint", "gate_suites"],
     kinds={"lm_eval", "duckdb"},
-    description="After Dream, evaluate the candidate compressed_checkpoint selected (plus the live release and the model it started "
-                "from) on suites held out from its own data version, through lm-eval; every metric with its standard "
-                "error, threshold and delta; the verdict and a model card are stored. A failed gate records the "
-                "rejection and feeds hard examples to the replay table.",
+    description="Evaluate the candidate dreamed_checkpoint recorded (plus the live release, the model its cycle started "
+                "from and, for a dreamed candidate, the candidate before Dream) on suites held out from its own data "
+                "version, through lm-eval; every metric with its standard error, threshold and delta; the verdict, the "
+                "dream batch's spot-check state and a model card are stored. A failed gate records the rejection and "
+                "feeds hard examples to the replay table.",
 )
 def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: StorageResource,
-                gate_recipe: GateRecipeResource) -> dg.MaterializeResult:
+                gate_recipe: GateRecipeResource, dream_recipe: DreamRecipeResource) -> dg.MaterializeResult:
     if config.rhythm not in RHYTHMS:
         raise dg.Failure(f"rhythm must be one of {RHYTHMS}, got {config.rhythm!r}")
-    candidate_id = recorded(context, "compressed_checkpoint", "candidate_id")
+    candidate_id = recorded(context, "dreamed_checkpoint", "candidate_id")
     report, verdict, ev = gate.run_gate(storage.db_path, storage.root, candidate_id, gate_recipe.load(),
-                                        config.rhythm, log=context.log.info)
+                                        config.rhythm, log=context.log.info,
+                                        auto_approve=dream_recipe.load().auto_approve)
     context.log.info(f"gate {report.report_id}: capability {'passed' if verdict.capability_passed else 'FAILED'}, "
                      f"safety {'passed' if verdict.safety_passed else 'FAILED'} -> {verdict.decision}")
     with open(report.card_path, encoding="utf-8") as fh:
@@ -87,6 +89,8 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
         "prompts_truncated_to_context": sum((report.verdict.get("truncated") or {}).values()),
         "cost_to_serve": dg.MetadataValue.json(report.verdict.get("cost") or {}),
         "live_release": report.live_version or "none",
+        "dream_spot_check": ((report.verdict.get("dream") or {}).get("spot_check") or {}).get("status",
+                                                                                           "not a dreamed candidate"),
         "metrics": dg.MetadataValue.md(render.metrics_table(report.verdict)),
         "forgetting": dg.MetadataValue.md(render.forgetting_table(report.verdict)),
         "failures": dg.MetadataValue.md(render.bullets(verdict.failures)),

@@ -34,12 +34,13 @@ def test_definitions_load_with_sources_upstream_of_the_corpus(recipes_dir, tmp_p
         assert spec.metadata["tier"] == s["tier"]
     assert defs.resolve_job_def("sleep_cycle") is not None
     # the gate: report downstream of the candidate and the suites, release behind it in a pool of its own
-    assert {k.to_user_string() for k in graph.get(dg.AssetKey("gate_report")).parent_keys} == {"compressed_checkpoint", "dream_set", "gate_suites"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("gate_report")).parent_keys} == {"dreamed_checkpoint", "gate_suites"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("compressed_checkpoint")).parent_keys} == {"trained_checkpoint"}
     # Dream starts from the candidate Compress selected; the Gate runs after it
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("dream_set")).parent_keys} == {
         "compressed_checkpoint", "gate_suites", "red_team_library"}
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("red_team_library")).parent_keys} == {"compressed_checkpoint"}
+    assert {k.to_user_string() for k in graph.get(dg.AssetKey("dreamed_checkpoint")).parent_keys} == {"dream_set"}
     release = graph.get(dg.AssetKey("gated_release"))
     assert release.pools == {"sleep_pipeline_release"}
     assert {c.name for c in defs.resolve_asset_graph().asset_check_keys} >= {"capability_gate", "safety_gate"}

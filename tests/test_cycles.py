@@ -1,6 +1,7 @@
-"""Whole sleep cycles on one storage directory, as the rhythms run them: a first cycle whose gate fails
-(and feeds replay), two cycles whose runs overlap and must each gate and release exactly their own
-candidate against their own data version, and an unchanged rerun that neither trains nor releases."""
+"""Whole sleep cycles on one storage directory, as the rhythms run them (Learn -> Compress -> Dream -> Gate):
+a first cycle whose gate fails (and feeds replay), two cycles whose runs overlap and must each gate and
+release exactly their own dreamed candidate against their own data version, and an unchanged rerun that
+neither trains nor releases."""
 
 import threading
 from pathlib import Path
@@ -28,6 +29,9 @@ def _recipes(tmp: Path, name: str, strict: bool, mix_seed: int = 7, max_steps: i
         gate_recipe(d, examples=8)
     else:  # thresholds every model meets, and no regression or forgetting judgement: the plumbing is the subject
         gate_recipe(d, trivial_thresholds(), examples=8, noise={"z": 1000.0}, forgetting={"risk": 1.0, "hard_limit": 1.0})
+        dream = yaml.safe_load((d / "dream.yaml").read_text())
+        dream["auto_approve"] = True  # as a nightly rhythm may: no person reviews these dream batches
+        (d / "dream.yaml").write_text(yaml.safe_dump(dream))
     return d
 
 
@@ -92,15 +96,27 @@ def test_cycles_on_one_storage_each_gate_their_own_candidate(tmp_path, storage, 
         chosen = candidates.get(db, compressed["candidate_id"])
         assert learn["candidate_id"] in [a.candidate_id for a in candidates.ancestors(db, chosen.candidate_id)]
         # Dream dreamed on that candidate: items accepted, the red-team library refreshed against it
-        dreamed, library = _meta(run, "dream_set"), _meta(run, "red_team_library")
-        assert dreamed["candidate_id"] == chosen.candidate_id and dreamed["accepted"] > 0
+        dream_set, library = _meta(run, "dream_set"), _meta(run, "red_team_library")
+        assert dream_set["candidate_id"] == chosen.candidate_id and dream_set["accepted"] > 0
         assert library["candidate_id"] == chosen.candidate_id and library["attacks"] > 0
+        # ... and fine-tuned it on the blend: the dreamed candidate, whose parent is the Compress candidate
+        dreamed_meta = _meta(run, "dreamed_checkpoint")
+        assert dreamed_meta["trained"] is True and dreamed_meta["dream_id"] == dream_set["dream_id"]
+        assert dreamed_meta["dream_parent"] == chosen.candidate_id
+        dreamed = candidates.get(db, dreamed_meta["candidate_id"])
+        assert dreamed.phase == "dream" and chosen.candidate_id in [a.candidate_id for a in
+                                                                    candidates.ancestors(db, dreamed.candidate_id)]
+        # the Gate judged the dreamed candidate, compared it with the one before Dream, and says the
+        # dream batch was auto-approved by the recipe (no person reviewed it)
         report = gate.get_report(db, _meta(run, "gate_report")["report_id"])
-        assert report.candidate_id == chosen.candidate_id and report.data_version == mix["version_id"]
+        assert report.candidate_id == dreamed.candidate_id and report.data_version == mix["version_id"]
+        dream_facts = report.verdict["dream"]
+        assert dream_facts["before"] == chosen.candidate_id and dream_facts["deltas"]
+        assert "auto-approved" in dream_facts["spot_check"]["status"]
         assert candidates.get(db, learn["candidate_id"]).data_version == mix["version_id"]
-        assert chosen.data_version == mix["version_id"]
-        assert _meta(run, "gated_release")["candidate_id"] == chosen.candidate_id
-        gated[run is second] = chosen.candidate_id
+        assert chosen.data_version == dreamed.data_version == mix["version_id"]
+        assert _meta(run, "gated_release")["candidate_id"] == dreamed.candidate_id
+        gated[run is second] = dreamed.candidate_id
     releases = registry.list_releases(db)
     assert [(r.version, r.checkpoint_sha256) for r in releases] == [("v0001", gated[False]), ("v0002", gated[True])]
     assert registry.live(db).version == "v0002"
@@ -115,8 +131,10 @@ def test_cycles_on_one_storage_each_gate_their_own_candidate(tmp_path, storage, 
     learn4 = _meta(fourth, "trained_checkpoint")
     assert learn4["unchanged"] is True and learn4["candidate_id"] == learn3["candidate_id"]
     compressed4 = _meta(fourth, "compressed_checkpoint")
-    assert compressed4["unchanged"] is True and compressed4["candidate_id"] == gated[False]
+    assert compressed4["unchanged"] is True and compressed4["candidate_id"] == _meta(third, "compressed_checkpoint")["candidate_id"]
     assert _meta(fourth, "dream_set")["unchanged"] is True  # the same candidate and recipe: not dreamed again
+    dreamed4 = _meta(fourth, "dreamed_checkpoint")  # nor fine-tuned again
+    assert dreamed4["unchanged"] is True and dreamed4["candidate_id"] == gated[False]
     out = _meta(fourth, "gated_release")
     assert out["unchanged"] is True and "earlier release v0001" in out["outcome"]
     assert len(registry.list_releases(db)) == 2 and registry.live(db).version == "v0002"

@@ -57,9 +57,9 @@ def world(tmp_path_factory, generated_sources):
             "data_version": manifest["version_id"]}
 
 
-def copy_candidate(src: Path, root: Path, name: str, noise: float = 0.0) -> Path:
+def copy_candidate(src: Path, root: Path, name: str, noise: float = 0.0, lineage: dict | None = None) -> Path:
     """Publish a copy of candidate ``src`` under ``root`` (with ``noise`` added to its weights: another
-    candidate with almost the same behaviour)."""
+    candidate with almost the same behaviour; ``lineage`` replaces manifest fields)."""
     import shutil
 
     import torch
@@ -78,19 +78,20 @@ def copy_candidate(src: Path, root: Path, name: str, noise: float = 0.0) -> Path
         save_file({k: v + noise * torch.randn_like(v) for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
     info = {k: v for k, v in read_manifest(src).items() if k not in ("files", "checkpoint_sha256", "manifest_sha256",
                                                                         "created_at", "name")}
-    return publish(stage, root, name, info)[0]
+    return publish(stage, root, name, {**info, **(lineage or {})})[0]
 
 
 def _produce(world, name: str, noise: float = 0.0) -> candidates.Candidate:
     """What trained_checkpoint would do: publish, register, and record the candidate id (and what
-    compressed_checkpoint records when it passes a candidate through uncompressed)."""
+    compressed_checkpoint and dreamed_checkpoint record when they pass a candidate through unchanged)."""
     root = world["storage"] / "checkpoints" / "learn"
     path = copy_candidate(world["cands"][name], root, f"{name}-{len(list(root.glob('*'))) if root.exists() else 0}", noise)
     cand = candidates.register(world["storage"] / "sleep.duckdb", path)
     world["instance"].report_runless_asset_event(
         dg.AssetMaterialization("trained_checkpoint", metadata={"candidate_id": cand.candidate_id}))
-    world["instance"].report_runless_asset_event(
-        dg.AssetMaterialization("compressed_checkpoint", metadata={"candidate_id": cand.candidate_id}))
+    for asset in ("compressed_checkpoint", "dreamed_checkpoint"):  # passed through both, as when nothing is dreamed
+        world["instance"].report_runless_asset_event(
+            dg.AssetMaterialization(asset, metadata={"candidate_id": cand.candidate_id}))
     return cand
 
 
@@ -251,6 +252,60 @@ def test_release_is_one_transaction_and_identical_weights_are_not_released_again
     with pytest.raises(gate.GateError):
         gate.release_gated(db, later.report_id)
     assert registry.live(db).version == "v0001"
+
+
+def test_a_dreamed_candidate_is_released_only_once_people_approved_its_dream_batch(world, tmp_path):
+    """The gate passes a dreamed candidate on its metrics, but the release waits for the spot-check of its
+    dream batch: unreviewed or partly reviewed blocks, a rejected item blocks, all approved releases; a
+    recipe that allows auto-approval releases without review. The report and card say which, and show
+    the deltas against the candidate Dream started from."""
+    from sleep_pipeline.dream import rater
+    from sleep_pipeline.dream.strategies import DreamItem
+
+    db = tmp_path / "sleep.duckdb"
+    recipe, suites = _suites(world, items=12)
+    before = candidates.register(db, copy_candidate(world["cands"]["safe"], tmp_path / "compress", "before"))
+
+    def dreamed(name: str, dream_id: str, noise: float) -> candidates.Candidate:
+        items = [DreamItem("red_team", "safety", "", f"{dream_id} request {k}", "I can't help with that.", "Sure.",
+                           f"seed{k}", "test") for k in range(2)]
+        rater.enqueue(db, dream_id, items, 2, 0)
+        path = copy_candidate(world["cands"]["safe"], tmp_path / "dream", name, noise=noise,
+                              lineage={"phase": "dream", "parents": [before.candidate_id], "dream_id": dream_id})
+        return candidates.register(db, path)
+
+    cand = dreamed("reviewed", "dream-reviewed", 1e-4)
+    report, verdict, _ = gate.run_gate(db, tmp_path, cand.candidate_id, recipe, "weekly", suites=suites)
+    assert verdict.passed, verdict.failures
+    facts = report.verdict["dream"]
+    assert facts["dream_id"] == "dream-reviewed" and facts["before"] == before.candidate_id
+    assert {(d["task"], d["metric"]) for d in facts["deltas"]} >= {("ho_jailbreak", "trigger_rate"),
+                                                                  ("ho_everyday", "over_refusal_rate")}
+    assert facts["spot_check"]["blocks_release"] and "awaiting review" in facts["spot_check"]["status"]
+    card = Path(report.card_path).read_text()
+    assert "## Dream" in card and "before Dream" in card and "the release waits" in card
+    with pytest.raises(gate.GateError, match="waits for people"):
+        gate.release_gated(db, report.report_id)
+    rater.decide(db, rater.next_pending(db, "dream-reviewed")["item_id"], "approve", "reviewer-a")
+    with pytest.raises(gate.GateError, match="1 approved, 0 rejected, 1 pending"):
+        gate.release_gated(db, report.report_id)  # half reviewed is not reviewed
+    rater.decide(db, rater.next_pending(db, "dream-reviewed")["item_id"], "approve", "reviewer-a")
+    out = gate.release_gated(db, report.report_id)
+    assert out.release.version == "v0001" and registry.live(db).checkpoint_sha256 == cand.candidate_id
+
+    rejected = dreamed("rejected", "dream-rejected", 2e-4)
+    report, verdict, _ = gate.run_gate(db, tmp_path, rejected.candidate_id, recipe, "weekly", suites=suites)
+    assert verdict.passed, verdict.failures
+    rater.decide(db, rater.next_pending(db, "dream-rejected")["item_id"], "reject", "reviewer-b", note="wrong answer")
+    with pytest.raises(gate.GateError, match="a rater rejected a sampled item"):
+        gate.release_gated(db, report.report_id)
+    assert registry.live(db).version == "v0001"
+
+    auto = dreamed("auto", "dream-auto", 3e-4)
+    report, verdict, _ = gate.run_gate(db, tmp_path, auto.candidate_id, recipe, "nightly", suites=suites,
+                                       auto_approve=True)
+    assert verdict.passed and "auto-approved" in report.verdict["dream"]["spot_check"]["status"]
+    assert gate.release_gated(db, report.report_id).release.version == "v0002"
 
 
 def test_released_weights_survive_retention_and_the_next_gate_evaluates_live(world, tmp_path):

@@ -262,3 +262,18 @@ def load_int8(path: Path):
         module, _, attr = name.rpartition(".")
         getattr(model.get_submodule(module), attr).copy_(value)
     return model.eval()
+
+
+@torch.no_grad()
+def dequantize(model):
+    """``model`` (as :func:`load_int8` serves it) with every :class:`Int8Linear` turned back into a float32
+    ``nn.Linear`` holding exactly the weights the int8 model computes with (int8 value x scale): a model
+    that can be trained again, then quantised again (Dream fine-tunes an int8 candidate that way)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Int8Linear):
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias_value is not None)
+            lin.weight.copy_(mod.qweight.to(torch.float32) * mod.scale[:, None])
+            if mod.bias_value is not None:
+                lin.bias.copy_(mod.bias_value)
+            model.set_submodule(name, lin)
+    return model

@@ -70,11 +70,11 @@ def _lineage(parent: candidates.Candidate, recipe: CompressRecipe, kind: str, de
             "compression": kind, "compression_details": details}
 
 
-def _publish_model(storage_root: Path, db_path: Path, model, tokenizer, info: dict, name: str,
-                   int8: tuple | None = None) -> candidates.Candidate:
+def publish_model(storage_root: Path, db_path: Path, model, tokenizer, info: dict, name: str,
+                  int8: tuple | None = None, subdir: str = SUBDIR) -> candidates.Candidate:
     """Write ``model`` (or, given ``int8=(tensors, description)``, its int8 form) through the checkpoint
-    contract and register it."""
-    root = checkpoints_root(storage_root)
+    contract under ``<storage>/checkpoints/<subdir>`` and register it (phase: ``info['phase']``)."""
+    root = Path(storage_root) / "checkpoints" / subdir
     stage = staging_dir(root, name)
     if int8 is None:
         model.save_pretrained(stage, safe_serialization=True)
@@ -84,7 +84,7 @@ def _publish_model(storage_root: Path, db_path: Path, model, tokenizer, info: di
         quantize.save_int8(model, tokenizer, int8[0], int8[1], stage)
         reload = quantize.load_int8
     final, _ = publish(stage, root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", info, reload=reload)
-    return candidates.register(db_path, final, PHASE)
+    return candidates.register(db_path, final, info.get("phase", PHASE))
 
 
 def _batches(tokenizer, rows: list[dict], size: int, max_len: int) -> list[dict]:
@@ -206,7 +206,7 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                 res = merge_adapters(base, [parent_dir], score, recipe.merge.max_drop, log=log)
                 merge_steps = [s.__dict__ for s in res.steps]
                 if res.merged:
-                    cand = _publish_model(storage_root, db_path, res.model, tok,
+                    cand = publish_model(storage_root, db_path, res.model, tok,
                                           _lineage(parent, recipe, "merged", {"adapters": res.merged}), "merged")
                     made.append(("merged", cand))
                     source, source_cand = res.model, cand
@@ -237,7 +237,7 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                        "attention_heads": list(res.attention_heads), "key_value_heads": list(res.key_value_heads),
                        "parameters": list(res.parameters), "recovery_steps": p.recovery_steps,
                        "recovery_loss": [round(losses[0], 4), round(losses[-1], 4)] if losses else None}
-            pruned_cand = _publish_model(storage_root, db_path, res.model, tok,
+            pruned_cand = publish_model(storage_root, db_path, res.model, tok,
                                          _lineage(source_cand, recipe, "pruned", details), "pruned")
             made.append(("pruned", pruned_cand))
         distilled_cand = None
@@ -269,7 +269,7 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                     model = copy.deepcopy(model)
                 qmodel, tensors, info = quantize.quantize(model, calibration=calib, alpha=qz.smooth_alpha)
                 kind = "int8" if name == "parent" else f"{name}+int8"
-                made.append((kind, _publish_model(storage_root, db_path, qmodel, tok,
+                made.append((kind, publish_model(storage_root, db_path, qmodel, tok,
                                                   _lineage(of, recipe, kind, {"method": info["method"], "of": name,
                                                                               "smoothquant": info["smoothquant"]}),
                                                   kind.replace("+", "-"),

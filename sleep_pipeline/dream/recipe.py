@@ -56,6 +56,26 @@ class ReplaySpec:
     max_times_replayed: int = 3
 
 
+BLEND_PARTS = ("dpo_pairs", "synthetic", "sft_replay")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """The dreamed candidate: fine-tuning the candidate on blend(sft replay, dpo pairs, synthetic)."""
+    enabled: bool = True
+    recipe: str = "dream_train.yaml"  # the worker's training recipe (steps, learning rate, LoRA, DeepSpeed)
+    beta: float = 0.1  # DPO's beta
+    sft_weight: float = 1.0  # weight of the SFT term (chosen answers and SFT rows)
+    # shares of the blend: the dream set's preference pairs, its SFT rows (verified chains, replayed hard
+    # examples) and rows of the candidate's own training mix (against forgetting)
+    blend: tuple[tuple[str, float], ...] = (("dpo_pairs", 0.5), ("synthetic", 0.25), ("sft_replay", 0.25))
+    max_rows: int = 0  # at most this many training rows (0: as many as the dream set allows at these shares)
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return dict(self.blend)
+
+
 @dataclass(frozen=True)
 class DreamRecipe:
     generator: GeneratorSpec = field(default_factory=GeneratorSpec)
@@ -64,13 +84,17 @@ class DreamRecipe:
     red_team: RedTeamSpec = field(default_factory=RedTeamSpec)
     replay: ReplaySpec = field(default_factory=ReplaySpec)
     quality: QualitySpec = field(default_factory=QualitySpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     auto_approve: bool = False  # release without a person's spot-check (nightly LoRA-only dreams)
     seed: int = 0
     source: str = ""
 
     def recipe_hash(self) -> str:
+        """What the dream set depends on (the fine-tune's settings and the review policy do not change its items)."""
         d = asdict(self)
         d.pop("source")
+        d.pop("finetune")
+        d.pop("auto_approve")
         return stable_hash(d)
 
 
@@ -101,7 +125,7 @@ def load_dream_recipe(path: str | Path) -> DreamRecipe:
     raw = read_yaml(path)
     with in_file(path):
         check_keys(raw, {"generator", "self_consistency", "counterfactual", "red_team", "replay", "quality",
-                         "auto_approve", "seed"}, "")
+                         "finetune", "auto_approve", "seed"}, "")
         generator = _spec(raw, "generator", GeneratorSpec, {
             "kind": lambda s, k, w, d: one_of(get(s, k, w, str, d), GENERATOR_KINDS, "generator.kind", "generator kind"),
             "path": _opt_str, "url": _opt_str, "model": _opt_str, "api_key_env": _opt_str,
@@ -139,10 +163,30 @@ def load_dream_recipe(path: str | Path) -> DreamRecipe:
                               max_repetition=number(q, "max_repetition", "quality", dq.max_repetition, lo=0.0, hi=1.0),
                               refuse_buckets=refuse,
                               rater_sample=number(q, "rater_sample", "quality", dq.rater_sample, lo=0, kind=int))
+        finetune = _finetune(raw, path)
         auto = get(raw, "auto_approve", "", bool, False)
         if quality.rater_sample == 0 and not auto:
             raise fail("quality.rater_sample", "0 queues nothing for people to review, so no release could pass: "
                                                "sample at least 1, or set auto_approve: true")
     return DreamRecipe(generator=generator, self_consistency=sc, counterfactual=cf, red_team=rt, replay=rp,
-                       quality=quality, auto_approve=auto, seed=number(raw, "seed", "", 0, lo=0, kind=int),
+                       quality=quality, finetune=finetune, auto_approve=auto, seed=number(raw, "seed", "", 0, lo=0, kind=int),
                        source=str(path))
+
+
+def _finetune(raw: dict, path: Path) -> FinetuneSpec:
+    f = section(raw, "finetune", "", {"enabled", "recipe", "beta", "sft_weight", "blend", "max_rows"})
+    d = FinetuneSpec()
+    enabled = get(f, "enabled", "finetune", bool, d.enabled)
+    recipe = get(f, "recipe", "finetune", str, d.recipe)
+    resolved = Path(recipe) if Path(recipe).is_absolute() else path.parent / recipe
+    if enabled and not resolved.is_file():
+        raise fail("finetune.recipe", f"{resolved} does not exist (the Dream worker's training recipe)")
+    b = section(f, "blend", "finetune", set(BLEND_PARTS))
+    shares = tuple((k, number(b, k, "finetune.blend", dict(d.blend)[k] if not b else 0.0, lo=0.0, hi=1.0))
+                   for k in BLEND_PARTS)
+    if enabled and not any(v > 0 for k, v in shares if k != "sft_replay"):
+        raise fail("finetune.blend", "give dpo_pairs or synthetic a share above 0: the dream set is what Dream trains on")
+    return FinetuneSpec(enabled=enabled, recipe=str(resolved.resolve()), blend=shares,
+                        beta=number(f, "beta", "finetune", d.beta, lo=1e-4, hi=100.0),
+                        sft_weight=number(f, "sft_weight", "finetune", d.sft_weight, lo=0.0, hi=100.0),
+                        max_rows=number(f, "max_rows", "finetune", d.max_rows, lo=0, kind=int))

@@ -65,6 +65,7 @@ class CardFacts:
     license: str = "apache-2.0"
     base_label: str = "the untrained starting model"  # what "before" is in the before/after table
     cost: dict[str, dict] = field(default_factory=dict)  # model label -> its cost to serve (compress.cost.Cost)
+    dream: dict | None = None  # the dream set, its spot-check and the deltas against the candidate before Dream
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -121,6 +122,21 @@ def render(facts: CardFacts) -> str:
         for m in based:
             lines.append(f"| {m.suite} | {m.metric} | {_fmt(m.base)} | {_fmt(m.base_stderr)} | {_fmt(m.value)} | "
                          f"{_fmt(m.stderr)} | {'yes' if m.beats_base else 'no'} |")
+    if facts.dream:
+        d = facts.dream
+        spot = d.get("spot_check") or {}
+        lines += ["", "## Dream", "",
+                  f"Dream set `{d.get('dream_id')}`; people's spot-check: {spot.get('status', '?')}"
+                  + (f" (**the release waits:** {spot['blocks_release']})" if spot.get("blocks_release") else "") + ".", ""]
+        if d.get("deltas"):
+            lines += [f"Against the candidate Dream started from ({str(d.get('before'))[:12]}), on the same suites. A change "
+                      "larger than the combined standard error is marked better or worse.", "",
+                      "| check | suite | metric | before Dream | after Dream | delta | change |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in d["deltas"]:
+                lines.append(f"| {r['kind']} | {r['task']} | {r['metric']} | {_fmt(r['before'])} ± {_fmt(r['before_stderr'])} | "
+                             f"{_fmt(r['after'])} ± {_fmt(r['after_stderr'])} | {_fmt(r['delta'], signed=True)} | "
+                             f"{'**worse**' if r['change'] == 'worse' else r['change']} |")
     if facts.cost:
         labels = list(facts.cost)
         lines += ["", "## Cost to serve", "",

@@ -27,7 +27,7 @@ from sleep_pipeline.data import replay
 from sleep_pipeline.data.mix import manifest_of
 from sleep_pipeline.fsio import write_atomic
 from sleep_pipeline.gate import heldout, model_card
-from sleep_pipeline.gate.decide import RHYTHMS, GateRecipe, Reference, Verdict, decide, failed_checks
+from sleep_pipeline.gate.decide import RHYTHMS, GateRecipe, Reference, Verdict, beats, decide, failed_checks
 from sleep_pipeline.gate.evaluate import Evaluation, evaluate, load_for_eval
 from sleep_pipeline.gate.judge import make_judge
 from sleep_pipeline.gate.scoring import scoring_version
@@ -145,15 +145,21 @@ def frozen_contamination(db_path: Path, cand: candidates.Candidate, suites: Path
     measures generalisation; a data version that can no longer be read is a risk item."""
     prompts, risks, seen = [], [], set()
     for a in candidates.ancestors(db_path, cand.candidate_id):
-        if not a.data_version or a.data_version in seen:
-            continue
-        seen.add(a.data_version)
-        try:
-            files = manifest_of(db_path, a.data_version)["files"]
-        except KeyError:
-            risks.append(f"data version {a.data_version} of {a.short} is no longer recorded: the frozen suites "
-                         "could not be checked against it")
-            continue
+        files = {}
+        try:  # a Dream fine-tune's own training set (its blend) besides its data version
+            dreamed = read_manifest(Path(a.path)).get("training_data") if a.phase == "dream" else None
+        except CheckpointError:
+            dreamed = None
+        if dreamed and dreamed not in seen:
+            seen.add(dreamed)
+            files.update({f"dream {split}": str(Path(dreamed) / f"{split}.jsonl") for split in ("train", "validation")})
+        if a.data_version and a.data_version not in seen:
+            seen.add(a.data_version)
+            try:
+                files.update(manifest_of(db_path, a.data_version)["files"])
+            except KeyError:
+                risks.append(f"data version {a.data_version} of {a.short} is no longer recorded: the frozen suites "
+                             "could not be checked against it")
         for split, path in files.items():
             if split == "test":
                 continue
@@ -213,12 +219,13 @@ def evaluation_key(model_ref: str, suites: Path, limit: int, judge, user_tasks=(
 
 
 def trained_ancestor(db_path: Path, candidate: Path) -> Path:
-    """The candidate itself, or for a Compress candidate the checkpoint its compression started from (a
-    pruned, distilled or int8 model is compared with the model its cycle started from, like its parent)."""
+    """The candidate itself, or for a Compress or Dream candidate the Learn checkpoint its compression and
+    dreaming started from (a pruned, int8 or dreamed model is compared with the model its cycle started
+    from, like its parent)."""
     for _ in range(16):
         manifest = read_manifest(candidate)
         parents = manifest.get("parents") or []
-        if manifest.get("phase") != "compress" or not parents:
+        if manifest.get("phase") not in ("compress", "dream") or not parents:
             break
         try:
             candidate, _cand = candidates.resolve(db_path, parents[0])
@@ -407,6 +414,7 @@ def _card_facts(report: GateReport, verdict: Verdict, manifest: dict, decision: 
         recommendation=verdict.recommendation,
         base_label=report.verdict.get("starting_model") or "the untrained starting model",
         cost=report.verdict.get("cost") or {},
+        dream=report.verdict.get("dream"),
     )
 
 
@@ -421,12 +429,49 @@ def write_card(report: GateReport, verdict: Verdict, decision: str, version: str
     return text
 
 
+def dream_deltas(after: Evaluation, before: Evaluation, policy) -> list[dict]:
+    """Every gate metric of the dreamed candidate against the candidate Dream started from, with whether
+    the change is beyond the combined standard error."""
+    out = []
+    for r in decide(after, Reference(base=before), policy).rows:
+        if r.base is None:
+            continue
+        better = beats(r.value, r.stderr, r.base, r.base_stderr, r.higher_is_better)
+        worse = beats(r.base, r.base_stderr, r.value, r.stderr, r.higher_is_better)
+        out.append({"task": r.task, "metric": r.metric, "kind": r.kind, "higher_is_better": r.higher_is_better,
+                    "before": r.base, "before_stderr": r.base_stderr, "after": r.value, "after_stderr": r.stderr,
+                    "delta": r.value - r.base, "change": "better" if better else "worse" if worse else "within noise"})
+    return out
+
+
+def _dream_facts(db_path: Path, candidate: Path, auto_approve: bool, evaluate_before, log) -> dict | None:
+    """What the report says about Dream: the dream set behind the candidate, the state of its people's
+    spot-check (which blocks the release unless reviewed or auto-approved), and the deltas against the
+    candidate Dream started from."""
+    from sleep_pipeline.dream import rater
+    from sleep_pipeline.dream.finetune import dream_source
+
+    dream_id, before_id = dream_source(db_path, candidate)
+    if dream_id is None:
+        return None
+    blocks, said = rater.release_block(db_path, dream_id, auto_approve)
+    facts = {"dream_id": dream_id, "before": before_id,
+             "spot_check": {"dream_id": dream_id, "auto_approve": auto_approve, "status": said, "blocks_release": blocks}}
+    if before_id:
+        facts["deltas"] = evaluate_before(before_id)
+    if log:
+        log(f"dream batch {dream_id}: {said}")
+    return facts
+
+
 def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateRecipe, rhythm: str,
-             log=None, suites: Path | None = None) -> tuple[GateReport, Verdict, Evaluation]:
+             log=None, suites: Path | None = None, auto_approve: bool = False) -> tuple[GateReport, Verdict, Evaluation]:
     """Evaluate candidate ``candidate_id`` (and the live release, and the model it started from) on the
     suites held out from its own data version, decide, store the report, write the card; on a failed
-    gate record the rejection and feed the replay table. The candidate is leased while it is judged,
-    so retention cannot delete it meanwhile."""
+    gate record the rejection and feed the replay table. A dreamed candidate is also compared with the
+    candidate Dream started from, and its dream batch's spot-check state is recorded (``auto_approve``:
+    the dream recipe lets it be released without people's review). The candidate is leased while it is
+    judged, so retention cannot delete it meanwhile."""
     policy = recipe.policy(rhythm)
     cand = candidates.get(db_path, candidate_id)
     candidate = Path(cand.path)
@@ -464,6 +509,16 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
                 getattr(verdict, f"{kind}_failures").extend(lines)
                 setattr(verdict, f"{kind}_passed", False)
                 verdict.decision = "reject"
+        def evaluate_before(before_id: str) -> list[dict]:
+            before = candidates.get(db_path, before_id)
+            ev = _eval_cached(db_path, f"candidate:{before_id}", lambda: load_for_eval(Path(before.path)), suites,
+                              limit, recipe, judge, log, f"the candidate before Dream {before.short}")
+            return dream_deltas(cand_ev, ev, policy)
+
+        dream = _dream_facts(db_path, candidate, auto_approve, evaluate_before, log)
+        if dream and dream["spot_check"]["blocks_release"]:
+            verdict.risks.append(f"release blocked until people review the dream batch: "
+                                 f"{dream['spot_check']['blocks_release']}")
         override_reason = _override_reason(db_path, sha)
         if override_reason:
             verdict.risks.append(f"an earlier rejection of this candidate was overridden: {override_reason}")
@@ -476,6 +531,7 @@ def run_gate(db_path: Path, storage_root: Path, candidate_id: str, recipe: GateR
                             {**verdict.to_json(), "evaluation_seconds": cand_ev.seconds, "examples": cand_ev.examples,
                              "starting_model": base_label if base_ev is not None else None,
                              "frozen_version": frozen_version(suites), "truncated": cand_ev.truncated,
+                             "dream": dream,
                              "cost": {label: ev.cost for label, ev in (("this model", cand_ev),
                                                                        (base_label, base_ev),
                                                                        (f"live {live_rel.version}" if live_rel else "", live_ev))
@@ -573,6 +629,14 @@ def release_gated(db_path: Path, report_id: str, log=None) -> ReleaseOutcome:
                                                     exclude=report.report_id).values() for line in lines]
     if blocked:
         raise GateError("; ".join(blocked))
+    spot = (report.verdict.get("dream") or {}).get("spot_check")
+    if spot:  # re-read now: people may have reviewed the batch since the gate ran
+        from sleep_pipeline.dream import rater
+
+        why, _ = rater.release_block(db_path, spot["dream_id"], spot["auto_approve"])
+        if why:
+            raise GateError(f"gate report {report.report_id} passed, but the release waits for people: {why}; "
+                            f"{report.live_version or 'nothing'} stays live")
     live = registry.live(db_path)
     same = [r for r in registry.list_releases(db_path) if r.checkpoint_sha256 == report.candidate_sha256]
     if same:

@@ -92,19 +92,22 @@ def is_model_directory(path: Path) -> bool:
     return (Path(path) / "config.json").is_file() or (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def load_pretrained(path: Path, tokenizer=None):
+def load_pretrained(path: Path, tokenizer=None, dequantize: bool = False):
     """A local model directory as a plain causal LM in fp32 (safetensors only). A LoRA adapter directory is
-    loaded on its base and merged, so training continues from the weights the adapter stands for."""
+    loaded on its base and merged, so training continues from the weights the adapter stands for. An int8
+    checkpoint is refused unless ``dequantize`` (then: the float weights it computes with)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sleep_pipeline.compress.quantize import QUANTIZATION
+    from sleep_pipeline.compress import quantize
 
     path = Path(path)
-    if (path / QUANTIZATION).is_file():
-        raise ValueError(f"{path} is an int8 checkpoint, made for serving: train from the float checkpoint it was "
-                         "quantised from (its parent candidate)")
-    if (path / ADAPTER_CONFIG).is_file():
+    if quantize.is_int8(path):
+        if not dequantize:
+            raise ValueError(f"{path} is an int8 checkpoint, made for serving: train from the float checkpoint it "
+                             "was quantised from (its parent candidate)")
+        model = quantize.dequantize(quantize.load_int8(path))
+    elif (path / ADAPTER_CONFIG).is_file():
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).merge_and_unload()

@@ -325,15 +325,16 @@ class RunContext:
             time.sleep(0.2)
         return load_tokenizer(tok_dir)
 
-    def model(self, tokenizer):
-        """The starting model (an adapter directory is merged into its base), or a fresh one built from
-        the recipe's config."""
+    def model(self, tokenizer, dequantize: bool = False):
+        """The starting model (an adapter directory is merged into its base; an int8 checkpoint is refused,
+        or with ``dequantize`` turned back into the float weights it computes with), or a fresh one built
+        from the recipe's config."""
         from sleep_pipeline.train.modeling import build_model, load_pretrained
 
         if self.start.directory is None:
             return build_model(self.recipe.model, tokenizer, self.recipe.training.seed)
         try:
-            return load_pretrained(self.start.directory, tokenizer)
+            return load_pretrained(self.start.directory, tokenizer, dequantize=dequantize)
         except (OSError, ValueError) as exc:
             raise WorkerError(f"cannot load the starting model {self.start.directory}: {exc}") from None
 
@@ -443,16 +444,25 @@ class RunContext:
             "base_model": str(self.start.directory) if self.start.directory else "built from config",
         }
 
-    def publish(self, trainer, tokenizer, info: dict[str, Any]) -> dict[str, Any]:
+    def publish(self, trainer, tokenizer, info: dict[str, Any], merge_adapter: bool = False) -> dict[str, Any]:
         """Every rank saves (consolidating ZeRO-3 shards); rank 0 writes the tokenizer and publishes a
-        verified checkpoint whose manifest holds ``info`` and the lineage. Returns the summary on rank 0
-        (also reported to Dagster), ``{}`` on the others."""
+        verified checkpoint whose manifest holds ``info`` and the lineage. ``merge_adapter``: a LoRA run
+        publishes the adapter merged into its base, a plain model (rank 0 merges; not under ZeRO-3,
+        whose ranks hold shards). Returns the summary on rank 0 (also reported to Dagster), ``{}`` on the
+        others."""
         from sleep_pipeline.checkpoint import publish, staging_dir
 
         # unique even for two runs publishing in the same second
         name = f"{self.phase}-{time.strftime('%Y%m%d-%H%M%S')}-step{trainer.state.global_step}-{uuid.uuid4().hex[:6]}"
         stage = Path(_broadcast(str(staging_dir(self.out_root, name)) if self.rank == 0 else None))
-        trainer.save_model(str(stage))
+        merge = merge_adapter and self.recipe.lora.enabled
+        if merge and self.recipe.zero_stage == 3:
+            raise WorkerError("merging the LoRA adapter at publish needs whole weights on rank 0: use ZeRO stage 0-2")
+        if not merge:
+            trainer.save_model(str(stage))
+        elif self.rank == 0:
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(str(stage), safe_serialization=True)
         _barrier()
         summary: dict[str, Any] = {}
         if self.rank == 0:
@@ -583,7 +593,8 @@ def _progress_callback(ctx: RunContext, trainer):
             import torch
 
             limit_s = ctx.recipe.training.max_time_s
-            stop = torch.tensor([1.0 if time.monotonic() - ctx.started > limit_s else 0.0])
+            # on the trainer's device: NCCL (CUDA ranks) has no CPU tensors; gloo takes CPU ones
+            stop = torch.tensor([1.0 if time.monotonic() - ctx.started > limit_s else 0.0], device=args_.device)
             dist = _dist()
             if dist:
                 dist.broadcast(stop, src=0)
