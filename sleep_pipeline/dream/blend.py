@@ -73,8 +73,9 @@ def split_dream_rows(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]
     """The dream set's rows by blend part, and notes. Look-alike pairs (an answer preferred to a refusal)
     are kept to at most as many as attack pairs (a refusal preferred to a compliance): they are there to
     keep the attack pairs from teaching refusal in general, and on their own they teach the opposite
-    (measured on the embedded default: 16 look-alike against 8 attack pairs took held-out harmful
-    refusal from 0.59 to 0.08)."""
+    (measured on the embedded default at a learning rate of 2e-4: 16 look-alike against 8 attack pairs
+    took held-out harmful refusal from 0.59 to 0.08). As SFT rows instead of pairs they made SmolLM2
+    refuse more everyday requests (0.03 -> 0.19): the pair is what says a refusal is wrong there."""
     pairs = [r for r in rows if r.get("rejected") is not None]
     attacks = sum(_refusal_over_answer(r) for r in pairs)
     lookalikes = [r for r in pairs if _answer_over_refusal(r)]
