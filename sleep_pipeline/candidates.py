@@ -152,9 +152,10 @@ def resolve(db_path: Path | None, ref: str | Path) -> tuple[Path, Candidate | No
 
 
 def find_same_inputs(db_path: Path, phase: str, data_version: str, recipe_hash: str,
-                     parents: tuple[str, ...] | list[str]) -> Candidate | None:
+                     parents: tuple[str, ...] | list[str], where=None) -> Candidate | None:
     """An existing candidate made by ``phase`` from the same data version, recipe and parent(s), whose
-    files still verify: training again would only produce the same model under a new name."""
+    files still verify (and whose manifest satisfies ``where``, for inputs these columns do not name):
+    training again would only produce the same model under a new name."""
     with connect(db_path) as con:
         rows = _select(con, "WHERE phase = ? AND data_version = ? AND recipe_hash = ? AND parents = ? "
                             "ORDER BY created_at DESC", [phase, data_version, recipe_hash, json.dumps(list(parents))])
@@ -162,10 +163,11 @@ def find_same_inputs(db_path: Path, phase: str, data_version: str, recipe_hash: 
         if cand.status in GONE:
             continue
         try:
-            verify_checkpoint(Path(cand.path))
+            manifest = verify_checkpoint(Path(cand.path))
         except CheckpointError:
             continue
-        return cand
+        if where is None or where(manifest):
+            return cand
     return None
 
 

@@ -22,6 +22,7 @@ from sleep_pipeline.dream import blend as blending
 from sleep_pipeline.dream import finetune
 from sleep_pipeline.dream.recipe import FinetuneSpec, load_dream_recipe
 from sleep_pipeline.config import RecipeError
+from sleep_pipeline.train.recipe import load_train_recipe
 from tests.conftest import RECIPES, ROOT
 from tests.gate_helpers import train_candidate
 
@@ -195,7 +196,7 @@ def test_the_dream_worker_trains_an_int8_candidate_and_its_result_is_quantised_a
     # the adapter was merged: a plain float model, not an adapter on a base that cannot be loaded
     assert not (published / "adapter_config.json").exists() and not quantize.is_int8(published)
 
-    plan = finetune.Plan(parent, "dream-x", train_recipe=_train_recipe(tmp_path / "dream_train.yaml"))
+    plan = finetune.Plan(parent, "dream-x", train_recipe=load_train_recipe(tmp_path / "dream_train.yaml"))
     trained, served = finetune.finish(db, tmp_path, published, plan, load_compress_recipe(RECIPES / "compress.yaml"),
                                       log=lambda _m: None)
     assert trained.phase == served.phase == "dream" and trained.parents == (parent.candidate_id,)
@@ -204,12 +205,6 @@ def test_the_dream_worker_trains_an_int8_candidate_and_its_result_is_quantised_a
     assert child["compression"] == "int8" and child["dream_id"] == "dream-x"
     quantize.load_int8(Path(served.path))  # served as its parent was
     assert finetune.dream_source(db, Path(served.path)) == ("dream-x", parent.candidate_id)
-
-
-def _train_recipe(path: Path):
-    from sleep_pipeline.train.recipe import load_train_recipe
-
-    return load_train_recipe(path)
 
 
 def test_the_gate_finds_a_frozen_item_in_a_dream_fine_tunes_training_set(tmp_path):

@@ -87,7 +87,7 @@ def publish_model(storage_root: Path, db_path: Path, model, tokenizer, info: dic
     return candidates.register(db_path, final, info.get("phase", PHASE))
 
 
-def _batches(tokenizer, rows: list[dict], size: int, max_len: int) -> list[dict]:
+def batches(tokenizer, rows: list[dict], size: int, max_len: int) -> list[dict]:
     return [completion_tensors(tokenizer, rows[i:i + size], max_len) for i in range(0, len(rows), size)]
 
 
@@ -221,7 +221,7 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
         pruned_cand = None
         if derive and recipe.prune.enabled:
             p = recipe.prune
-            calib = _batches(tok, train_rows[: p.calibration_rows], p.batch_size, p.max_seq_len)
+            calib = batches(tok, train_rows[: p.calibration_rows], p.batch_size, p.max_seq_len)
             log(f"pruning: keeping {p.mlp_keep:.0%} of the MLP neurons and {p.heads_keep:.0%} of the query heads per layer")
             res = pruning.prune(source, calib, p.mlp_keep, p.heads_keep)
             log(f"pruned: intermediate {res.intermediate_size[0]} -> {res.intermediate_size[1]}, heads "
@@ -231,7 +231,7 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
 
             torch.manual_seed(0)
             recovery_rows = train_rows[p.calibration_rows:] or train_rows
-            losses = pruning.recover(res.model, _batches(tok, recovery_rows, p.batch_size, p.max_seq_len),
+            losses = pruning.recover(res.model, batches(tok, recovery_rows, p.batch_size, p.max_seq_len),
                                      p.recovery_steps, p.recovery_learning_rate, log=log)
             details = {"mlp_keep": p.mlp_keep, "heads_keep": p.heads_keep, "intermediate_size": list(res.intermediate_size),
                        "attention_heads": list(res.attention_heads), "key_value_heads": list(res.key_value_heads),
@@ -255,7 +255,7 @@ def compress(db_path: Path, storage_root: Path, parent_ref: str, recipe: Compres
                 notes.append(f"distillation teacher: {why}")
         if derive and recipe.quantize.enabled:
             qz = recipe.quantize
-            calib = _batches(tok, train_rows[: qz.calibration_rows], 4, qz.max_seq_len) if qz.smooth_alpha > 0 else None
+            calib = batches(tok, train_rows[: qz.calibration_rows], 4, qz.max_seq_len) if qz.smooth_alpha > 0 else None
             sources = {"parent": (source, source_cand), "pruned": (None, pruned_cand), "distilled": (None, distilled_cand)}
             for name in recipe.quantize.sources:
                 model, of = sources[name]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sleep_pipeline import candidates
-from sleep_pipeline.checkpoint import CheckpointError, read_manifest, verify_checkpoint
+from sleep_pipeline.checkpoint import read_manifest
 from sleep_pipeline.data.mix import manifest_of
 from sleep_pipeline.dream import blend as blending
 from sleep_pipeline.dream.recipe import DreamRecipe
@@ -66,40 +66,28 @@ def prepare(db_path: Path, storage_root: Path, parent_id: str, dream_id: str, re
     except blending.BlendError as exc:
         return Plan(parent, dream_id, skip=str(exc))
     train_recipe = load_train_recipe(ft.recipe, storage_root)
-    existing = None if force else unchanged(db_path, parent.candidate_id, blend.blend_id, train_recipe, recipe)
+    existing = None if force else unchanged(db_path, parent, blend.blend_id, train_recipe, recipe)
     return Plan(parent, dream_id, blend=blend, train_recipe=train_recipe, existing=existing)
 
 
-def unchanged(db_path: Path, parent_id: str, blend_id: str, train_recipe: TrainRecipe,
+def unchanged(db_path: Path, parent: candidates.Candidate, blend_id: str, train_recipe: TrainRecipe,
               recipe: DreamRecipe) -> candidates.Candidate | None:
     """The dreamed candidate (the served one: the re-quantised child of an int8 parent's dream) already
     trained from this parent on this blend with this training recipe and these DPO settings, whose files
-    still verify; else None."""
-    # (the data version is the parent's and does not name the blend: manifests are compared)
-    for cand in reversed(candidates.list_candidates(db_path)):
-        if cand.phase != PHASE or cand.parents != (parent_id,) or cand.status in candidates.GONE:
-            continue
-        try:
-            m = verify_checkpoint(Path(cand.path))
-        except CheckpointError:
-            continue
-        if (m.get("dream_blend") == blend_id and m.get("recipe_hash") == train_recipe.recipe_hash()
-                and m.get("preference_beta") == recipe.finetune.beta
-                and m.get("preference_sft_weight") == recipe.finetune.sft_weight):
-            return served_child(db_path, cand) or cand
-    return None
+    still verify; else None. The data version is the parent's and does not name the blend: the
+    manifests do."""
+    ft = recipe.finetune
+    trained = candidates.find_same_inputs(
+        db_path, PHASE, parent.data_version, train_recipe.recipe_hash(), (parent.candidate_id,),
+        where=lambda m: (m.get("dream_blend"), m.get("preference_beta"), m.get("preference_sft_weight"))
+        == (blend_id, ft.beta, ft.sft_weight))
+    return None if trained is None else served_child(db_path, trained) or trained
 
 
 def served_child(db_path: Path, trained: candidates.Candidate) -> candidates.Candidate | None:
     """The int8 dreamed candidate made from ``trained`` (a float dream of an int8 parent), if any."""
-    for cand in reversed(candidates.list_candidates(db_path)):
-        if cand.phase == PHASE and cand.parents == (trained.candidate_id,) and cand.status not in candidates.GONE:
-            try:
-                verify_checkpoint(Path(cand.path))
-                return cand
-            except CheckpointError:
-                continue
-    return None
+    return candidates.find_same_inputs(db_path, PHASE, trained.data_version, trained.recipe_hash,
+                                       (trained.candidate_id,))
 
 
 def worker_args(plan: Plan, storage_root: Path, db_path: Path, recipe: DreamRecipe) -> list[str]:
@@ -126,9 +114,9 @@ def requantize(db_path: Path, storage_root: Path, trained: candidates.Candidate,
                compress_recipe, log=print) -> candidates.Candidate:
     """``trained`` quantised to int8 the way ``like`` was, published and registered as its child."""
     from sleep_pipeline.compress import quantize
-    from sleep_pipeline.compress.run import publish_model
+    from sleep_pipeline.compress.run import batches, publish_model
     from sleep_pipeline.gate.evaluate import load_for_eval
-    from sleep_pipeline.train.modeling import completion_tensors, read_jsonl
+    from sleep_pipeline.train.modeling import read_jsonl
 
     how = json.loads((Path(like.path) / quantize.QUANTIZATION).read_text())
     alpha = (how.get("smoothquant") or {}).get("alpha", 0.0)
@@ -137,7 +125,7 @@ def requantize(db_path: Path, storage_root: Path, trained: candidates.Candidate,
     calib = None
     if alpha > 0:
         rows = read_jsonl(Path(manifest_of(db_path, trained.data_version)["files"]["train"]))[: qz.calibration_rows]
-        calib = [completion_tensors(tok, rows[i:i + 4], qz.max_seq_len) for i in range(0, len(rows), 4)]
+        calib = batches(tok, rows, 4, qz.max_seq_len)  # as Compress calibrated the parent
     log(f"quantising the dreamed weights to int8 like {like.short} (SmoothQuant alpha {alpha})")
     qmodel, tensors, info = quantize.quantize(model, calibration=calib, alpha=alpha)
     manifest = read_manifest(Path(trained.path))
