@@ -141,6 +141,26 @@ def test_a_successful_attack_becomes_a_refusal_pair_and_a_library_entry(tmp_path
     assert all(rate[t]["r1"] == 0.0 for t in rate if t not in ("role_play", "payload_splitting"))
 
 
+def test_plain_everyday_requests_become_answer_over_refusal_pairs():
+    # a defender that refuses everything: the plain pairs prefer the seed's answer to its own refusal
+    fake = FakeGenerator(greedy=lambda prompt: "I can't help with that.")
+    items, _, stats = RedTeam(seeds=2, transforms=["role_play"], benign=3, max_new_tokens=16, plain=4).run(
+        HARMFUL, BENIGN, fake, RuleJudge(), random.Random(5))
+    looks = [it for it in items if it.meta["kind"] == "look_alike"]
+    plain = [it for it in items if it.meta["kind"] == "plain"]
+    assert len(looks) == 3 and len(plain) == 4 and stats["plain"] == 4 and stats["plain_refused"] == 4
+    by_prompt = {r["prompt"]: r for r in BENIGN}
+    for it in plain:  # asked as it is, answered as the seed row answers it, the refusal rejected
+        assert it.prompt in by_prompt and it.chosen == by_prompt[it.prompt]["response"]
+        assert it.rejected == "I can't help with that." and it.meta["transform"] == "none"
+    # other rows than the look-alikes' while there are enough (7 benign rows: 3 look-alikes + 4 plain)
+    assert {it.source_id for it in plain}.isdisjoint({it.source_id for it in looks})
+    # the kind reaches the training row, where the blend balances it against the attack pairs
+    from sleep_pipeline.dream.run import training_row
+
+    assert training_row(plain[0])["kind"] == "plain" and training_row(looks[0])["kind"] == "look_alike"
+
+
 def test_curated_entries_are_marked_and_malformed_files_are_refused(tmp_path):
     db = tmp_path / "db.duckdb"
     good = tmp_path / "curated.jsonl"

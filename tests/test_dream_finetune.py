@@ -60,6 +60,12 @@ def test_look_alike_pairs_never_outnumber_attack_pairs():
     lookalikes = [r for r in parts["dpo_pairs"] if r["bucket"] == "benign"]
     assert len(lookalikes) == 3 and len(parts["dpo_pairs"]) == 3 + 3 + 4 and len(parts["synthetic"]) == 2
     assert "4 of 7 look-alike pairs left out" in notes[0]
+    # plain everyday pairs are balanced on their own: 3 attacks keep 3 look-alikes and 3 plain pairs
+    plain = [{**_row(k, "red_team", "benign", "I can't help with that."), "kind": "plain"} for k in range(10, 15)]
+    parts, notes = blending.split_dream_rows(rows + plain)
+    kept = [r for r in parts["dpo_pairs"] if r["bucket"] == "benign"]
+    assert sum(r.get("kind") == "plain" for r in kept) == 3 and sum(r.get("kind") is None for r in kept) == 3
+    assert "2 of 5 plain everyday pairs left out" in notes[1]
 
 
 def _dream_dir(root: Path, dream_id: str = "dream-test", pairs: int = 12, sft: int = 4) -> Path:

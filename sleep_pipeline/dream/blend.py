@@ -29,7 +29,7 @@ from sleep_pipeline.train.modeling import read_jsonl
 
 MANIFEST = "manifest.json"
 DREAM_PARTS = ("dpo_pairs", "synthetic")
-BALANCE_VERSION = 1  # how look-alike pairs are balanced against attack pairs (part of the blend id)
+BALANCE_VERSION = 2  # how answer-over-refusal pairs are balanced against attack pairs (part of the blend id)
 
 
 class BlendError(RuntimeError):
@@ -59,9 +59,12 @@ class Blend:
         return "\n".join(lines)
 
 
-def _answer_over_refusal(row: dict) -> bool:
-    """A red-team look-alike pair: a benign request dressed as an attack, its answer preferred to a refusal."""
-    return row.get("strategy") == "red_team" and row.get("bucket") == "benign"
+def _answer_over_refusal(row: dict) -> str | None:
+    """The kind of a red-team answer-over-refusal pair (``look_alike``: a benign request dressed as an
+    attack; ``plain``: an everyday request as it is), else None."""
+    if row.get("strategy") == "red_team" and row.get("bucket") == "benign":
+        return row.get("kind") or "look_alike"
+    return None
 
 
 def _refusal_over_answer(row: dict) -> bool:
@@ -70,21 +73,23 @@ def _refusal_over_answer(row: dict) -> bool:
 
 
 def split_dream_rows(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
-    """The dream set's rows by blend part, and notes. Look-alike pairs (an answer preferred to a refusal)
-    are kept to at most as many as attack pairs (a refusal preferred to a compliance): they are there to
-    keep the attack pairs from teaching refusal in general, and on their own they teach the opposite
-    (measured on the embedded default at a learning rate of 2e-4: 16 look-alike against 8 attack pairs
-    took held-out harmful refusal from 0.59 to 0.08). As SFT rows instead of pairs they made SmolLM2
-    refuse more everyday requests (0.03 -> 0.19): the pair is what says a refusal is wrong there."""
+    """The dream set's rows by blend part, and notes. Answer-over-refusal pairs of each kind (look-alikes,
+    plain everyday requests) are kept to at most as many as attack pairs (a refusal preferred to a
+    compliance): they are there to keep the attack pairs from teaching refusal in general, and on their
+    own they teach the opposite (measured on the embedded default at a learning rate of 2e-4: 16 look-alike
+    against 8 attack pairs took held-out harmful refusal from 0.59 to 0.08). As SFT rows instead of pairs
+    they made SmolLM2 refuse more everyday requests (0.03 -> 0.19): the pair is what says a refusal is
+    wrong there."""
     pairs = [r for r in rows if r.get("rejected") is not None]
     attacks = sum(_refusal_over_answer(r) for r in pairs)
-    lookalikes = [r for r in pairs if _answer_over_refusal(r)]
     notes = []
-    if len(lookalikes) > attacks:
-        drop = {id(r) for r in lookalikes[attacks:]}
-        pairs = [r for r in pairs if id(r) not in drop]
-        notes.append(f"dpo_pairs: {len(lookalikes) - attacks} of {len(lookalikes)} look-alike pairs left out, so they do "
-                     f"not outnumber the {attacks} attack pairs")
+    for kind, label in (("look_alike", "look-alike"), ("plain", "plain everyday")):
+        of_kind = [r for r in pairs if _answer_over_refusal(r) == kind]
+        if len(of_kind) > attacks:
+            drop = {id(r) for r in of_kind[attacks:]}
+            pairs = [r for r in pairs if id(r) not in drop]
+            notes.append(f"dpo_pairs: {len(of_kind) - attacks} of {len(of_kind)} {label} pairs left out, so they do "
+                         f"not outnumber the {attacks} attack pairs")
     return {"dpo_pairs": pairs, "synthetic": [r for r in rows if r.get("rejected") is None]}, notes
 
 

@@ -44,6 +44,7 @@ class RedTeamSpec:
     enabled: bool = True
     seeds: int = 32
     benign: int = 16
+    plain: int = 0  # everyday rows asked as they are: answer-over-refusal pairs without a transform
     transforms: tuple[str, ...] = tuple(TRANSFORMS)
     max_new_tokens: int = 48
     library_per_cell: int = 2  # red_team_library refresh: attacks per harm category x transform
@@ -147,6 +148,7 @@ def load_dream_recipe(path: str | Path) -> DreamRecipe:
         rt = RedTeamSpec(enabled=get(rt_raw, "enabled", "red_team", bool, True),
                          seeds=number(rt_raw, "seeds", "red_team", RedTeamSpec().seeds, lo=0, kind=int),
                          benign=number(rt_raw, "benign", "red_team", RedTeamSpec().benign, lo=0, kind=int),
+                         plain=number(rt_raw, "plain", "red_team", RedTeamSpec().plain, lo=0, kind=int),
                          transforms=transforms,
                          max_new_tokens=number(rt_raw, "max_new_tokens", "red_team", RedTeamSpec().max_new_tokens,
                                                lo=4, hi=4096, kind=int),

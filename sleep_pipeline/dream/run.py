@@ -159,13 +159,13 @@ def dream(db_path: Path, home: Path, candidate_id: str, recipe: DreamRecipe, gat
         log(f"counterfactual: {len(made)} items from {stats['counterfactual']['tried']} verified seeds")
         items += made
     rt = recipe.red_team
-    if rt.enabled and (rt.seeds or rt.benign):
+    if rt.enabled and (rt.seeds or rt.benign or rt.plain):
         harmful = plain_harmful(train_rows, recipe)
         benign = [r for r in train_rows if r.get("bucket") == "benign"]
-        log(f"red team: {min(rt.seeds, len(harmful))} attacks and {min(rt.benign, len(benign))} look-alikes "
-            f"against candidate {cand.short}")
-        made, library, stats["red_team"] = RedTeam(rt.seeds, list(rt.transforms), rt.benign, rt.max_new_tokens).run(
-            harmful, benign, candidate_generator, judge, rng)
+        log(f"red team: {min(rt.seeds, len(harmful))} attacks, {min(rt.benign, len(benign))} look-alikes and "
+            f"{min(rt.plain, len(benign))} plain everyday requests against candidate {cand.short}")
+        made, library, stats["red_team"] = RedTeam(rt.seeds, list(rt.transforms), rt.benign, rt.max_new_tokens,
+                                                   plain=rt.plain).run(harmful, benign, candidate_generator, judge, rng)
         items += made
     rp = recipe.replay
     if rp.enabled:
@@ -216,6 +216,8 @@ def training_row(it: DreamItem) -> dict:
            "prompt": it.prompt, "response": it.chosen}
     if it.rejected is not None:
         row["rejected"] = it.rejected
+    if it.meta.get("kind"):
+        row["kind"] = it.meta["kind"]  # red team: attack, look_alike or plain (the blend balances them)
     return row
 
 

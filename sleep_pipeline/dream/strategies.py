@@ -11,7 +11,8 @@ which strategy made it, from which seed row, with which generator, whether a ver
   computed (:mod:`sleep_pipeline.dream.counterfactual`); the pair prefers it to the stale old answer.
 * :class:`RedTeam`: harmful seeds rewritten by attack transforms (:mod:`sleep_pipeline.dream.redteam`),
   answered by the candidate, judged; a successful attack becomes a refusal-over-compliance pair, and
-  benign look-alikes (the same transforms on everyday requests) become answer-over-refusal pairs.
+  benign look-alikes (the same transforms on everyday requests) and, with ``plain``, everyday requests
+  as they are become answer-over-refusal pairs.
 * :class:`Replay`: last cycles' hard examples from the replay table, capped by share and by times
   replayed.
 """
@@ -124,11 +125,12 @@ class Counterfactual:
 class RedTeam:
     name = "red_team"
 
-    def __init__(self, seeds: int, transforms: list[str], benign: int, max_new_tokens: int):
+    def __init__(self, seeds: int, transforms: list[str], benign: int, max_new_tokens: int, plain: int = 0):
         unknown = sorted(set(transforms) - set(redteam.TRANSFORMS))
         if unknown:
             raise ValueError(f"unknown red-team transforms {unknown} (known: {sorted(redteam.TRANSFORMS)})")
         self.seeds, self.transforms, self.benign, self.max_new_tokens = seeds, transforms, benign, max_new_tokens
+        self.plain = plain
 
     def run(self, harmful: list[dict], benign: list[dict], defender, judge, rng: random.Random,
             attacker: str = "rules") -> tuple[list[DreamItem], list[dict], dict]:
@@ -143,6 +145,13 @@ class RedTeam:
         for row in rng.sample(benign, min(self.benign, len(benign))):
             name = rng.choice(self.transforms)
             looks.append((row, name, redteam.TRANSFORMS[name](row["prompt"], rng)))
+        # Plain everyday requests (no transform), other rows than the look-alikes' where there are enough:
+        # what the attack pairs must not teach the candidate to refuse.
+        used = {id(r) for r, _, _ in looks}
+        fresh = [r for r in benign if id(r) not in used]
+        plain = rng.sample(fresh, min(self.plain, len(fresh)))
+        plain += rng.sample([r for r, _, _ in looks], min(self.plain - len(plain), len(looks)))
+        looks += [(row, "none", row["prompt"]) for row in plain]
         answers = defender.greedy([(a[2].get("system") or "", a[3]) for a in attacks]
                                   + [(r.get("system") or "", p) for r, _, p in looks], self.max_new_tokens)
         refusals = sorted({r["response"] for r in harmful}) or ["I can't help with that."]
@@ -158,12 +167,14 @@ class RedTeam:
                                        meta={"transform": name, "category": category, "kind": "attack"}))
         for (row, name, prompt), answer in zip(looks, answers[len(attacks):]):
             refused = judge.refused(prompt, answer)
-            stats["look_alikes"] += 1
-            stats["look_alikes_refused"] += int(refused)
+            kind = "plain" if name == "none" else "look_alike"
+            key = "plain" if kind == "plain" else "look_alikes"
+            stats[key] += 1
+            stats[f"{key}_refused"] += int(refused)
             items.append(DreamItem(self.name, row.get("bucket", "benign"), row.get("system") or "", prompt,
                                    chosen=row["response"], rejected=answer if refused else rng.choice(refusals),
                                    source_id=row.get("record_id", ""), generator=defender.identity,
-                                   meta={"transform": name, "kind": "look_alike", "defender_refused": refused}))
+                                   meta={"transform": name, "kind": kind, "defender_refused": refused}))
         return items, library, dict(stats)
 
 
