@@ -44,10 +44,10 @@ class FakeGenerator:
         self.samples, self._greedy = samples or {}, greedy
 
     def sample(self, requests, n, temperature, top_p, max_new_tokens, seed):
-        return [self.samples[p.split("\n\nThink it through")[0]][:n] for _, p in requests]
+        return [self.samples[r[1].split("\n\nThink it through")[0]][:n] for r in requests]
 
     def greedy(self, requests, max_new_tokens):
-        return [self._greedy(p) for _, p in requests]
+        return [self._greedy(r[1]) for r in requests]
 
 
 def test_self_consistency_keeps_a_verified_majority_and_pairs_right_with_wrong(rows):
@@ -161,6 +161,41 @@ def test_plain_everyday_requests_become_answer_over_refusal_pairs():
     assert training_row(plain[0])["kind"] == "plain" and training_row(looks[0])["kind"] == "look_alike"
 
 
+def test_a_multi_turn_attack_carries_its_earlier_turns_into_the_pair_and_the_library():
+    # the fake defender sees whole conversations and falls only for ones with earlier turns
+    seen = []
+
+    class Defender(FakeGenerator):
+        def greedy(self, requests, max_new_tokens):
+            seen.extend(requests)
+            return ["Sure. Step 1: get the materials." if len(r) > 2 and r[2] else "I can't help with that."
+                    for r in requests]
+
+    rng = random.Random(11)
+    history, prompt = redteam.attack("multi_turn", "How do I pick a lock?", rng)
+    assert [m["role"] for m in history] == ["user", "assistant"] and prompt != "How do I pick a lock?"
+    assert redteam.attack("role_play", "How do I pick a lock?", rng)[0] == []  # one-message transforms
+    items, library, stats = RedTeam(seeds=6, transforms=["multi_turn"], benign=2, max_new_tokens=16).run(
+        HARMFUL, BENIGN, Defender(), RuleJudge(), random.Random(4))
+    assert stats["succeeded"] == 6 and all(len(r) == 3 and r[2] for r in seen)
+    pair = next(it for it in items if it.meta["kind"] == "attack")
+    assert pair.history and pair.history[0]["role"] == "user" and RuleJudge().refused(pair.prompt, pair.chosen)
+    # the library and the rater queue show the whole conversation
+    assert all("[assistant]" in e["attack_prompt"] and e["transform"] == "multi_turn" for e in library)
+    # trained as a conversation: system, earlier turns, the request, the answer
+    from sleep_pipeline.dream.generator import _messages
+    from sleep_pipeline.dream.run import training_row
+    from sleep_pipeline.train.modeling import row_messages
+
+    row = {**training_row(pair), "system": "Be brief."}
+    assert [m["role"] for m in row_messages(row)] == ["system", "user", "assistant", "user", "assistant"]
+    assert row_messages(row)[1:3] == pair.history and row_messages(row)[3]["content"] == pair.prompt
+    assert _messages("Be brief.", pair.prompt, pair.history) == row_messages(row)[:-1]
+    # the same pair without its earlier turns is another item
+    single = DreamItem(**{**pair.__dict__, "meta": {k: v for k, v in pair.meta.items() if k != "history"}})
+    assert single.item_id != pair.item_id
+
+
 def test_curated_entries_are_marked_and_malformed_files_are_refused(tmp_path):
     db = tmp_path / "db.duckdb"
     good = tmp_path / "curated.jsonl"
@@ -197,6 +232,10 @@ def test_the_contamination_guard_rejects_eval_items_and_near_duplicates(guard):
     assert decisions[1][1].startswith(("eval_near_duplicate:ho_everyday/", "eval_item:ho_everyday/"))
     assert decisions[2][1].startswith("eval_item:ho_tool_use/")
     assert decisions[3] == (True, "ok")
+    # an earlier turn of a conversation is checked like the request itself
+    turns = _item("Now answer the question I asked above.", meta={"history": [
+        {"role": "user", "content": long}, {"role": "assistant", "content": "Let me think."}]})
+    assert quality.decide([turns], guard, [], RuleJudge(), spec)[0][1].startswith("eval_item:ho_everyday/")
 
 
 def test_the_quality_gate_guards_against_reward_hacking(guard):

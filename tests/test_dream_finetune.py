@@ -240,3 +240,7 @@ def test_the_gate_finds_a_frozen_item_in_a_dream_fine_tunes_training_set(tmp_pat
     assert len(failures["safety"]) == 1 and docs[2]["id"] in failures["safety"][0]
     (blend / "train.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?", "response": "4"}) + "\n")
     assert gate.frozen_contamination(db, dreamed, suites)[0] == {"capability": [], "safety": []}
+    # a multi-turn row: the request in an earlier user turn counts too
+    turns = [{"role": "user", "content": f"Remember this: {leaked}"}, {"role": "assistant", "content": "Got it."}]
+    (blend / "train.jsonl").write_text(json.dumps({"prompt": "Now answer it.", "history": turns, "response": "No."}) + "\n")
+    assert docs[2]["id"] in gate.frozen_contamination(db, dreamed, suites)[0]["safety"][0]

@@ -6,7 +6,8 @@
 * :class:`EndpointGenerator`: an OpenAI-compatible ``/chat/completions`` endpoint, its key read from an
   environment variable (never stored in a recipe).
 
-A request is ``(system, prompt)``; an answer is the generated text without the prompt.
+A request is ``(system, prompt)`` or ``(system, prompt, history)``, ``history`` being the chat turns
+before ``prompt`` (a multi-turn attack); an answer is the generated text without the prompt.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ class Generator(Protocol):
                max_new_tokens: int, seed: int) -> list[list[str]]: ...
 
 
-def _messages(system: str, prompt: str) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+def _messages(system: str, prompt: str, history: list[dict] | tuple = ()) -> list[dict]:
+    return (([{"role": "system", "content": system}] if system else []) + list(history)
+            + [{"role": "user", "content": prompt}])
 
 
 class LocalGenerator:
@@ -37,8 +39,8 @@ class LocalGenerator:
         self.tokenizer.padding_side = "left"
 
     def _encode(self, requests: list[tuple[str, str]]):
-        texts = [self.tokenizer.apply_chat_template(_messages(s, p), tokenize=False, add_generation_prompt=True)
-                 for s, p in requests]
+        texts = [self.tokenizer.apply_chat_template(_messages(*r), tokenize=False, add_generation_prompt=True)
+                 for r in requests]
         self.tokenizer.truncation_side = "left"
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
                               max_length=self.max_context)
@@ -78,9 +80,9 @@ class EndpointGenerator:
             raise ValueError(f"the dream generator's endpoint key variable {api_key_env} is not set")
         self.identity = f"endpoint:{model}@{self.url}"
 
-    def _complete(self, system: str, prompt: str, n: int, temperature: float, top_p: float,
+    def _complete(self, request: tuple, n: int, temperature: float, top_p: float,
                   max_new_tokens: int, seed: int | None) -> list[str]:
-        body = {"model": self.model, "messages": _messages(system, prompt), "n": n, "temperature": temperature,
+        body = {"model": self.model, "messages": _messages(*request), "n": n, "temperature": temperature,
                 "top_p": top_p, "max_tokens": max_new_tokens}
         if seed is not None:
             body["seed"] = seed
@@ -92,9 +94,9 @@ class EndpointGenerator:
         return [(c.get("message") or {}).get("content") or "" for c in choices]
 
     def greedy(self, requests: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
-        return [self._complete(s, p, 1, 0.0, 1.0, max_new_tokens, None)[0].strip() for s, p in requests]
+        return [self._complete(r, 1, 0.0, 1.0, max_new_tokens, None)[0].strip() for r in requests]
 
     def sample(self, requests: list[tuple[str, str]], n: int, temperature: float, top_p: float,
                max_new_tokens: int, seed: int) -> list[list[str]]:
-        return [[t.strip() for t in self._complete(s, p, n, temperature, top_p, max_new_tokens, seed + k)]
-                for k, (s, p) in enumerate(requests)]
+        return [[t.strip() for t in self._complete(r, n, temperature, top_p, max_new_tokens, seed + k)]
+                for k, r in enumerate(requests)]

@@ -3,12 +3,14 @@
 In order, the first failing check is the item's recorded reason:
 
 1. ``duplicate``: the same item twice in one dream set;
-2. ``empty`` / ``too_long``: an answer with no text, or a prompt or answer over ``max_chars``;
+2. ``empty`` / ``too_long``: an answer with no text, or a prompt (earlier turns included) or answer over
+   ``max_chars``;
 3. ``no_difference``: a pair whose chosen and rejected answers are the same text;
 4. ``verifier``: the task's verifier rejected the chosen answer;
-5. ``eval_item`` / ``eval_near_duplicate``: the prompt is, contains, or nearly repeats (MinHash estimate,
-   confirmed by the exact Jaccard similarity of word 3-grams) an item of any gate suite, the frozen
-   held-out ones included: an evaluation item that enters training no longer measures generalisation;
+5. ``eval_item`` / ``eval_near_duplicate``: the prompt (or an earlier user turn) is, contains, or nearly
+   repeats (MinHash estimate, confirmed by the exact Jaccard similarity of word 3-grams) an item of any
+   gate suite, the frozen held-out ones included: an evaluation item that enters training no longer
+   measures generalisation;
 6. ``in_corpus``: the same request and answer are already in the training corpus (nothing new);
 7. reward-hacking guards: ``answer_only`` (a chain of thought that is only its answer line),
    ``degenerate_repetition`` (an answer looping one phrase), ``refuses_benign`` (the preferred answer to
@@ -147,15 +149,16 @@ def _decide_one(it, guard, known, seen, judge, spec) -> tuple[bool, str]:
     seen.add(it.item_id)
     if not re.search(r"\w", it.chosen or ""):
         return False, "empty"
-    if len(it.prompt) > spec.max_chars or len(it.chosen) > spec.max_chars or len(it.rejected or "") > spec.max_chars:
+    if len(it.prompt) + sum(len(m["content"]) for m in it.history) > spec.max_chars or len(it.chosen) > spec.max_chars or len(it.rejected or "") > spec.max_chars:
         return False, "too_long"
     if it.rejected is not None and it.rejected.strip() == it.chosen.strip():
         return False, "no_difference"
     if it.verified is False:
         return False, "verifier"
-    hit = guard.check(it.prompt)
-    if hit:
-        return False, f"{hit[0]}:{hit[1]}"
+    for text in [m["content"] for m in it.history if m["role"] == "user"] + [it.prompt]:  # every user turn
+        hit = guard.check(text)
+        if hit:
+            return False, f"{hit[0]}:{hit[1]}"
     if it.rejected is None and (normalise(it.prompt), normalise(it.chosen)) in known:
         return False, "in_corpus"
     if it.strategy == "self_consistency" and it.meta.get("answer") is not None and _answer_only(it.chosen) \

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from sleep_pipeline.dream import redteam
 from sleep_pipeline.store import connect, insert_rows, query_dicts, table_exists, utcnow
 
 QUEUE_TABLE = "rater_queue"
@@ -39,7 +40,7 @@ def enqueue(db_path: Path, batch_id: str, items: list, sample: int, seed: int) -
     chosen = random.Random(seed).sample(items, min(sample, len(items)))
     now = utcnow()
     rows = [{"batch_id": batch_id, "item_id": it.item_id, "strategy": it.strategy, "bucket": it.bucket,
-             "system": it.system, "prompt": it.prompt, "chosen": it.chosen, "rejected": it.rejected,
+             "system": it.system, "prompt": redteam.render(it.history, it.prompt), "chosen": it.chosen, "rejected": it.rejected,
              "status": "pending", "queued_at": now} for it in chosen]
     with connect(db_path) as con:
         ensure_schema(con)

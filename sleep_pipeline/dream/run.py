@@ -216,6 +216,8 @@ def training_row(it: DreamItem) -> dict:
            "prompt": it.prompt, "response": it.chosen}
     if it.rejected is not None:
         row["rejected"] = it.rejected
+    if it.history:
+        row["history"] = it.history  # the turns before the prompt (a multi-turn attack)
     if it.meta.get("kind"):
         row["kind"] = it.meta["kind"]  # red team: attack, look_alike or plain (the blend balances them)
     return row

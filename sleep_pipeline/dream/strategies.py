@@ -45,8 +45,14 @@ class DreamItem:
     meta: dict = field(default_factory=dict)
 
     @property
+    def history(self) -> list[dict]:
+        """Earlier turns before ``prompt`` (a multi-turn attack, or its look-alike); empty for one message."""
+        return self.meta.get("history") or []
+
+    @property
     def item_id(self) -> str:
-        key = json.dumps([self.strategy, self.system, self.prompt, self.chosen, self.rejected])
+        fields = [self.strategy, self.system, self.prompt, self.chosen, self.rejected]
+        key = json.dumps(fields + [self.history] if self.history else fields)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def to_row(self) -> dict:
@@ -136,36 +142,37 @@ class RedTeam:
             attacker: str = "rules") -> tuple[list[DreamItem], list[dict], dict]:
         """Items, library entries (every attempt) and counts. ``harmful`` rows carry ``meta.category`` and a
         refusal as ``response``; ``benign`` rows a helpful ``response``."""
-        attacks = []  # (category, transform, seed row, attack prompt)
+        attacks = []  # (category, transform, seed row, (earlier turns, attack prompt))
         for row in rng.sample(harmful, min(self.seeds, len(harmful))):
             name = rng.choice(self.transforms)
             attacks.append((row_meta(row).get("category", "unknown"), name, row,
-                            redteam.TRANSFORMS[name](row["prompt"], rng)))
-        looks = []
+                            redteam.attack(name, row["prompt"], rng)))
+        looks = []  # (seed row, transform, (earlier turns, prompt))
         for row in rng.sample(benign, min(self.benign, len(benign))):
             name = rng.choice(self.transforms)
-            looks.append((row, name, redteam.TRANSFORMS[name](row["prompt"], rng)))
+            looks.append((row, name, redteam.attack(name, row["prompt"], rng)))
         # Plain everyday requests (no transform), other rows than the look-alikes' where there are enough:
         # what the attack pairs must not teach the candidate to refuse.
         used = {id(r) for r, _, _ in looks}
         fresh = [r for r in benign if id(r) not in used]
         plain = rng.sample(fresh, min(self.plain, len(fresh)))
         plain += rng.sample([r for r, _, _ in looks], min(self.plain - len(plain), len(looks)))
-        looks += [(row, "none", row["prompt"]) for row in plain]
-        answers = defender.greedy([(a[2].get("system") or "", a[3]) for a in attacks]
-                                  + [(r.get("system") or "", p) for r, _, p in looks], self.max_new_tokens)
+        looks += [(row, "none", ([], row["prompt"])) for row in plain]
+        answers = defender.greedy([(a[2].get("system") or "", a[3][1], a[3][0]) for a in attacks]
+                                  + [(r.get("system") or "", p, h) for r, _, (h, p) in looks], self.max_new_tokens)
         refusals = sorted({r["response"] for r in harmful}) or ["I can't help with that."]
         items, stats = [], Counter()
         library = redteam.judged(attacks, answers[:len(attacks)], defender, judge, attacker)
-        for (category, name, row, prompt), entry in zip(attacks, library):
+        for (category, name, row, (history, prompt)), entry in zip(attacks, library):
             stats["attacks"] += 1
             stats["succeeded"] += int(entry["succeeded"])
             if entry["succeeded"]:
                 items.append(DreamItem(self.name, row.get("bucket", "safety"), row.get("system") or "", prompt,
                                        chosen=row["response"], rejected=entry["response"],
                                        source_id=row.get("record_id", ""), generator=defender.identity,
-                                       meta={"transform": name, "category": category, "kind": "attack"}))
-        for (row, name, prompt), answer in zip(looks, answers[len(attacks):]):
+                                       meta={"transform": name, "category": category, "kind": "attack",
+                                             **({"history": history} if history else {})}))
+        for (row, name, (history, prompt)), answer in zip(looks, answers[len(attacks):]):
             refused = judge.refused(prompt, answer)
             kind = "plain" if name == "none" else "look_alike"
             key = "plain" if kind == "plain" else "look_alikes"
@@ -174,7 +181,8 @@ class RedTeam:
             items.append(DreamItem(self.name, row.get("bucket", "benign"), row.get("system") or "", prompt,
                                    chosen=row["response"], rejected=answer if refused else rng.choice(refusals),
                                    source_id=row.get("record_id", ""), generator=defender.identity,
-                                   meta={"transform": name, "kind": kind, "defender_refused": refused}))
+                                   meta={"transform": name, "kind": kind, "defender_refused": refused,
+                                         **({"history": history} if history else {})}))
         return items, library, dict(stats)
 
 

@@ -167,7 +167,9 @@ def frozen_contamination(db_path: Path, cand: candidates.Candidate, suites: Path
                 risks.append(f"{path} ({a.data_version}) is gone: the frozen suites could not be checked against it")
                 continue
             with open(path, encoding="utf-8") as fh:
-                prompts.extend(json.loads(line)["prompt"] for line in fh if line.strip())
+                for row in (json.loads(line) for line in fh if line.strip()):
+                    prompts.append(row["prompt"])  # and the user turns before it (a multi-turn dream row)
+                    prompts.extend(m["content"] for m in row.get("history") or () if m.get("role") == "user")
     docs = {}
     for task in FROZEN_TASKS:
         path = Path(suites) / f"{task.name}.jsonl"

@@ -31,10 +31,12 @@ CHAT_TEMPLATE = (
 
 
 def row_messages(row: dict) -> list[dict]:
-    """A mix row as chat messages; the assistant turn is the target."""
+    """A mix row as chat messages; the assistant turn is the target. A dream row may carry ``history``:
+    the turns before its prompt (a multi-turn attack)."""
     messages = []
     if row.get("system"):
         messages.append({"role": "system", "content": row["system"]})
+    messages += [{"role": m["role"], "content": m["content"]} for m in row.get("history") or ()]
     messages.append({"role": "user", "content": row["prompt"]})
     messages.append({"role": "assistant", "content": row["response"]})
     return messages
