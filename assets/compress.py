@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.lineage import recorded
-from resources.deepspeed import DeepSpeedClusterResource
+from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint
 from resources.storage import CompressRecipeResource, GateRecipeResource, StorageResource
 from sleep_pipeline import candidates
 from sleep_pipeline.compress import pareto
@@ -54,12 +54,7 @@ def compressed_checkpoint(context: dg.AssetExecutionContext, config: CompressCon
                 "--recipe", train_recipe.source, "--data-dir", str(data_dir),
                 "--out-root", str(compress_run.checkpoints_root(storage.root)), "--data-version", parent.data_version,
                 "--db", str(storage.db_path), "--storage-dir", str(storage.root), "--run-dir", str(run_dir), *args])
-        reported = {}
-        for r in results:
-            reported.update(r.metadata or {})
-        if "checkpoint" not in reported:
-            raise dg.Failure("the distillation worker finished without reporting a checkpoint")
-        return str(getattr(reported["checkpoint"], "value", reported["checkpoint"]))
+        return str(reported_checkpoint(results, "distillation worker")[1])
 
     try:
         out = compress_run.compress(storage.db_path, storage.root, parent_id, recipe, gate_recipe.load(),

@@ -6,14 +6,12 @@ DeepSpeed resource), which the Gate judges.
 All three start from the candidate ``compressed_checkpoint`` selected.
 """
 
-import json
-from pathlib import Path
 from typing import Literal
 
 import dagster as dg
 
 from assets.lineage import recorded
-from resources.deepspeed import DeepSpeedClusterResource
+from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint, run_metrics
 from resources.storage import CompressRecipeResource, DreamRecipeResource, GateRecipeResource, StorageResource
 from sleep_pipeline import candidates
 from sleep_pipeline.dream import finetune, redteam
@@ -147,16 +145,9 @@ def dreamed_checkpoint(context: dg.AssetExecutionContext, config: DreamedConfig,
         context.log.info(f"run directory {run_dir}")
         results = deepspeed.run(context, DREAM_WORKER, [*args, "--resume", config.resume, "--run-dir", str(run_dir)],
                                 extras={"dream_id": dream_id})
-    reported = {}
-    for r in results:
-        reported.update(r.metadata or {})
-    if "checkpoint" not in reported:
-        raise dg.Failure("the Dream worker finished without reporting a checkpoint")
-    checkpoint = Path(str(getattr(reported["checkpoint"], "value", reported["checkpoint"])))
+    reported, checkpoint = reported_checkpoint(results, "Dream worker")
     trained, served = finetune.finish(storage.db_path, storage.root, checkpoint, plan, compress_recipe.load(),
                                       log=context.log.info)
-    metrics_file = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     return dg.MaterializeResult(metadata={
         **{k: v for k, v in reported.items() if k not in ("checkpoint", "checkpoint_sha256", "parents")},
         **served.to_metadata(),
@@ -168,6 +159,6 @@ def dreamed_checkpoint(context: dg.AssetExecutionContext, config: DreamedConfig,
         "blend_id": plan.blend.blend_id,
         "blend": blend_md,
         "checkpoint": dg.MetadataValue.path(served.path),
-        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(metrics)),
+        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(run_metrics(run_dir))),
         "run_dir": dg.MetadataValue.path(str(run_dir)),
     })

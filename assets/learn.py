@@ -5,14 +5,13 @@ the recipe names, and records the candidate it produced (or, when an identical c
 exists, that one, without training again).
 """
 
-import json
 from pathlib import Path
 from typing import Literal, Optional
 
 import dagster as dg
 
 from assets.lineage import recorded
-from resources.deepspeed import DeepSpeedClusterResource
+from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint, run_metrics
 from resources.storage import StorageResource, TrainRecipeResource
 from sleep_pipeline import candidates
 from sleep_pipeline.data.mix import manifest_of
@@ -65,20 +64,13 @@ def trained_checkpoint(context: dg.AssetExecutionContext, config: LearnConfig, s
         context.log.info(f"run directory {run_dir}")
         results = deepspeed.run(context, WORKER_MODULE, [*args, "--run-dir", str(run_dir)],
                                 extras={"data_version": data_version})
-    reported = {}
-    for r in results:
-        reported.update({k: v for k, v in (r.metadata or {}).items()})
-    value = lambda k: getattr(reported.get(k), "value", reported.get(k))  # noqa: E731
-    if "checkpoint" not in reported:
-        raise dg.Failure("the worker finished without reporting a checkpoint")
-    cand = learn.finish(storage.db_path, Path(value("checkpoint")), recipe.keep_last, log=context.log.info)
-    metrics_file = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    reported, checkpoint = reported_checkpoint(results, "Learn worker")
+    cand = learn.finish(storage.db_path, checkpoint, recipe.keep_last, log=context.log.info)
     return dg.MaterializeResult(metadata={
         **reported,
         **cand.to_metadata(),
         "unchanged": False,
         "checkpoint": dg.MetadataValue.path(cand.path),
-        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(metrics)),
+        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(run_metrics(run_dir))),
         "run_dir": dg.MetadataValue.path(str(run_dir)),
     })

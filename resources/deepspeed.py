@@ -8,6 +8,7 @@ interrupted or cancelled run terminates the whole group (TERM, then KILL after a
 rank keeps training after the run is gone.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reported_checkpoint(results: list, worker: str) -> tuple[dict, Path]:
+    """What a worker reported through Pipes (its materialisation metadata, merged) and the checkpoint it
+    published; a ``dg.Failure`` naming ``worker`` when it finished without reporting one."""
+    reported: dict = {}
+    for r in results:
+        reported.update(r.metadata or {})
+    if "checkpoint" not in reported:
+        raise dg.Failure(f"the {worker} finished without reporting a checkpoint")
+    return reported, Path(str(getattr(reported["checkpoint"], "value", reported["checkpoint"])))
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    """The step metrics a worker wrote to its run directory (``metrics.jsonl``), oldest first."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 class DeepSpeedClusterResource(dg.ConfigurableResource):

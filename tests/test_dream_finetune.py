@@ -52,7 +52,7 @@ def test_the_blend_takes_the_recipe_shares_and_never_up_samples():
         blending.plan_counts({"dpo_pairs": 0, "synthetic": 0, "sft_replay": 1000}, shares, 0)
 
 
-def test_look_alike_pairs_never_outnumber_attack_pairs():
+def test_look_alike_and_plain_pairs_together_never_outnumber_attack_pairs():
     rows = ([_row(k, "red_team", "safety", "Sure, here it is.") for k in range(3)]
             + [_row(k, "red_team", "benign", "I can't help with that.") for k in range(7)]
             + [_row(k) for k in range(4)] + [_row(k, "self_consistency", rejected=None) for k in range(2)])
@@ -60,12 +60,18 @@ def test_look_alike_pairs_never_outnumber_attack_pairs():
     lookalikes = [r for r in parts["dpo_pairs"] if r["bucket"] == "benign"]
     assert len(lookalikes) == 3 and len(parts["dpo_pairs"]) == 3 + 3 + 4 and len(parts["synthetic"]) == 2
     assert "4 of 7 look-alike pairs left out" in notes[0]
-    # plain everyday pairs are balanced on their own: 3 attacks keep 3 look-alikes and 3 plain pairs
+    # with plain everyday pairs too, the two kinds share the room the attack pairs leave: 6 attacks keep 6
+    # answer-over-refusal pairs, 3 of each, not 6 of each (the refusal they reject is the one attacks choose)
+    attacks = [_row(k, "red_team", "safety", "Sure, here it is.") for k in range(20, 23)]
     plain = [{**_row(k, "red_team", "benign", "I can't help with that."), "kind": "plain"} for k in range(10, 15)]
-    parts, notes = blending.split_dream_rows(rows + plain)
+    parts, notes = blending.split_dream_rows(rows + attacks + plain)
     kept = [r for r in parts["dpo_pairs"] if r["bucket"] == "benign"]
     assert sum(r.get("kind") == "plain" for r in kept) == 3 and sum(r.get("kind") is None for r in kept) == 3
-    assert "2 of 5 plain everyday pairs left out" in notes[1]
+    assert any("2 of 5 plain everyday pairs left out" in n for n in notes)
+    # a scarce kind leaves its room to the other: 1 look-alike, so 5 plain pairs fit beside 6 attacks
+    parts, _ = blending.split_dream_rows(rows[:3] + rows[3:4] + attacks + plain)
+    kept = [r for r in parts["dpo_pairs"] if r["bucket"] == "benign"]
+    assert sum(r.get("kind") == "plain" for r in kept) == 5 and sum(r.get("kind") is None for r in kept) == 1
 
 
 def _dream_dir(root: Path, dream_id: str = "dream-test", pairs: int = 12, sft: int = 4) -> Path:

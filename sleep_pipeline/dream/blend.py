@@ -29,7 +29,7 @@ from sleep_pipeline.train.modeling import read_jsonl
 
 MANIFEST = "manifest.json"
 DREAM_PARTS = ("dpo_pairs", "synthetic")
-BALANCE_VERSION = 2  # how answer-over-refusal pairs are balanced against attack pairs (part of the blend id)
+BALANCE_VERSION = 3  # how answer-over-refusal pairs are balanced against attack pairs (part of the blend id)
 
 
 class BlendError(RuntimeError):
@@ -73,23 +73,29 @@ def _refusal_over_answer(row: dict) -> bool:
 
 
 def split_dream_rows(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
-    """The dream set's rows by blend part, and notes. Answer-over-refusal pairs of each kind (look-alikes,
-    plain everyday requests) are kept to at most as many as attack pairs (a refusal preferred to a
-    compliance): they are there to keep the attack pairs from teaching refusal in general, and on their
-    own they teach the opposite (measured on the embedded default at a learning rate of 2e-4: 16 look-alike
-    against 8 attack pairs took held-out harmful refusal from 0.59 to 0.08). As SFT rows instead of pairs
-    they made SmolLM2 refuse more everyday requests (0.03 -> 0.19): the pair is what says a refusal is
-    wrong there."""
+    """The dream set's rows by blend part, and notes. Answer-over-refusal pairs (look-alikes and plain
+    everyday requests together) are kept to at most as many as attack pairs (a refusal preferred to a
+    compliance), shared between the two kinds as evenly as they allow. They are there to keep the attack
+    pairs from teaching refusal in general, and on their own they teach the opposite: the rejected refusal
+    of one is the chosen refusal of the other, so whichever side has more pairs moves every refusal its
+    way. Measured: 16 look-alike against 8 attack pairs took the embedded default's held-out harmful
+    refusal from 0.59 to 0.08 (learning rate 2e-4); 12 look-alike and 12 plain against 12 attack pairs
+    raised SmolLM2's held-out jailbreak trigger rate from 0.72 to 0.81. As SFT rows instead of pairs they
+    made SmolLM2 refuse more everyday requests (0.03 -> 0.19): the pair is what says a refusal is wrong
+    there."""
     pairs = [r for r in rows if r.get("rejected") is not None]
     attacks = sum(_refusal_over_answer(r) for r in pairs)
-    notes = []
-    for kind, label in (("look_alike", "look-alike"), ("plain", "plain everyday")):
-        of_kind = [r for r in pairs if _answer_over_refusal(r) == kind]
-        if len(of_kind) > attacks:
-            drop = {id(r) for r in of_kind[attacks:]}
-            pairs = [r for r in pairs if id(r) not in drop]
-            notes.append(f"dpo_pairs: {len(of_kind) - attacks} of {len(of_kind)} {label} pairs left out, so they do "
-                         f"not outnumber the {attacks} attack pairs")
+    labels = {"look_alike": "look-alike", "plain": "plain everyday"}
+    by_kind = {k: [r for r in pairs if _answer_over_refusal(r) == k] for k in labels}
+    room, notes, drop = attacks, [], set()
+    for i, (kind, of_kind) in enumerate(sorted(by_kind.items(), key=lambda kv: len(kv[1]))):
+        keep = min(len(of_kind), room // (len(by_kind) - i))  # the scarcer kind first; what it leaves goes on
+        room -= keep
+        if keep < len(of_kind):
+            drop |= {id(r) for r in of_kind[keep:]}
+            notes.append(f"dpo_pairs: {len(of_kind) - keep} of {len(of_kind)} {labels[kind]} pairs left out, so "
+                         f"look-alike and plain pairs together do not outnumber the {attacks} attack pairs")
+    pairs = [r for r in pairs if id(r) not in drop]
     return {"dpo_pairs": pairs, "synthetic": [r for r in rows if r.get("rejected") is None]}, notes
 
 
