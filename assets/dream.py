@@ -140,8 +140,7 @@ def dreamed_checkpoint(context: dg.AssetExecutionContext, config: DreamedConfig,
     context.log.info(f"dreaming on candidate {plan.parent.short}: {plan.blend.rows} rows "
                      f"({', '.join(f'{k} {v}' for k, v in plan.blend.counts.items())})")
     args = finetune.worker_args(plan, storage.root, storage.db_path, recipe)
-    key = f"dream-{plan.blend.blend_id}-{plan.train_recipe.recipe_hash()}-{plan.parent.short}"
-    with learn.claim_run_dir(storage.root / "runs", key, config.resume) as run_dir:
+    with learn.claim_run_dir(storage.root / "runs", finetune.run_key(plan, recipe), config.resume) as run_dir:
         context.log.info(f"run directory {run_dir}")
         results = deepspeed.run(context, DREAM_WORKER, [*args, "--resume", config.resume, "--run-dir", str(run_dir)],
                                 extras={"dream_id": dream_id})

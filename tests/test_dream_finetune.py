@@ -137,6 +137,22 @@ def test_the_finetune_section_is_validated(tmp_path):
     assert dataclasses.replace(shipped, finetune=FinetuneSpec(beta=0.5)).recipe_hash() == shipped.recipe_hash()
 
 
+def test_an_interrupted_dream_is_resumed_only_under_the_same_objective(tmp_path):
+    import dataclasses
+
+    recipe = load_dream_recipe(RECIPES / "dream.yaml")
+    parent = candidates.Candidate(candidate_id="c" * 64, phase="compress", parents=(), data_version="dv-x",
+                                  recipe_hash="r", base_model=None, path=str(tmp_path), created_at=None, status="ok")
+    blend = blending.Blend("blend-x", "dream-x", tmp_path, {}, {}, {}, {})
+    plan = finetune.Plan(parent, "dream-x", blend=blend, train_recipe=load_train_recipe(RECIPES / "dream_train.yaml"))
+    other = lambda **kw: dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, **kw))  # noqa: E731
+    key = finetune.run_key(plan, recipe)
+    assert key == finetune.run_key(plan, other()) and "blend-x" in key and parent.short in key
+    # a run killed at sft_weight 1.0 is not continued at 0.25 (nor at another beta): a fresh run directory
+    assert finetune.run_key(plan, other(sft_weight=recipe.finetune.sft_weight / 4)) != key
+    assert finetune.run_key(plan, other(beta=recipe.finetune.beta * 2)) != key
+
+
 def _mix_rows(n: int = 60) -> list[dict]:
     return [{"record_id": f"r{k}", "bucket": "benign", "system": "", "prompt": f"What is {k} plus {k + 1}?",
              "response": f"{k} plus {k + 1} is {2 * k + 1}."} for k in range(n)]

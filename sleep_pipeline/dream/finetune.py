@@ -90,6 +90,13 @@ def served_child(db_path: Path, trained: candidates.Candidate) -> candidates.Can
                                        (trained.candidate_id,))
 
 
+def run_key(plan: Plan, recipe: DreamRecipe) -> str:
+    """The run directory's key: an interrupted run is resumed only under the same parent, blend, training
+    recipe and objective (DPO's beta and the SFT weight come from the dream recipe, not the training one)."""
+    objective = f"b{recipe.finetune.beta:g}-s{recipe.finetune.sft_weight:g}"
+    return f"dream-{plan.blend.blend_id}-{plan.train_recipe.recipe_hash()}-{objective}-{plan.parent.short}"
+
+
 def worker_args(plan: Plan, storage_root: Path, db_path: Path, recipe: DreamRecipe) -> list[str]:
     return ["--recipe", plan.train_recipe.source, "--data-dir", str(plan.blend.path),
             "--out-root", str(checkpoints_root(storage_root)), "--data-version", plan.parent.data_version,
