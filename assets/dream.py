@@ -11,13 +11,14 @@ from typing import Literal
 import dagster as dg
 
 from assets.lineage import recorded
-from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint, run_metrics
+from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint
 from resources.storage import CompressRecipeResource, DreamRecipeResource, GateRecipeResource, StorageResource
 from sleep_pipeline import candidates
 from sleep_pipeline.dream import finetune, redteam
 from sleep_pipeline.dream import run as dream_run
 from sleep_pipeline.plots import loss_curve_markdown
 from sleep_pipeline.train import learn
+from sleep_pipeline.train.runtime import read_metrics
 
 DREAM_GROUP = "dream"
 
@@ -158,6 +159,6 @@ def dreamed_checkpoint(context: dg.AssetExecutionContext, config: DreamedConfig,
         "blend_id": plan.blend.blend_id,
         "blend": blend_md,
         "checkpoint": dg.MetadataValue.path(served.path),
-        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(run_metrics(run_dir))),
+        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(read_metrics(run_dir))),
         "run_dir": dg.MetadataValue.path(str(run_dir)),
     })

@@ -11,12 +11,13 @@ from typing import Literal, Optional
 import dagster as dg
 
 from assets.lineage import recorded
-from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint, run_metrics
+from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint
 from resources.storage import StorageResource, TrainRecipeResource
 from sleep_pipeline import candidates
 from sleep_pipeline.data.mix import manifest_of
 from sleep_pipeline.plots import loss_curve_markdown
 from sleep_pipeline.train import learn
+from sleep_pipeline.train.runtime import read_metrics
 
 LEARN_GROUP = "learn"
 WORKER_MODULE = "sleep_pipeline.train.sft"
@@ -71,6 +72,6 @@ def trained_checkpoint(context: dg.AssetExecutionContext, config: LearnConfig, s
         **cand.to_metadata(),
         "unchanged": False,
         "checkpoint": dg.MetadataValue.path(cand.path),
-        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(run_metrics(run_dir))),
+        "loss_curve": dg.MetadataValue.md(loss_curve_markdown(read_metrics(run_dir))),
         "run_dir": dg.MetadataValue.path(str(run_dir)),
     })

@@ -8,7 +8,6 @@ interrupted or cancelled run terminates the whole group (TERM, then KILL after a
 rank keeps training after the run is gone.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -47,12 +46,6 @@ def reported_checkpoint(results: list, worker: str) -> tuple[dict, Path]:
     if "checkpoint" not in reported:
         raise dg.Failure(f"the {worker} finished without reporting a checkpoint")
     return reported, Path(str(getattr(reported["checkpoint"], "value", reported["checkpoint"])))
-
-
-def run_metrics(run_dir: Path) -> list[dict]:
-    """The step metrics a worker wrote to its run directory (``metrics.jsonl``), oldest first."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 class DeepSpeedClusterResource(dg.ConfigurableResource):

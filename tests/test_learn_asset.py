@@ -130,7 +130,8 @@ def _alive(pid: int) -> bool:
 def test_a_worker_that_reports_no_checkpoint_fails_the_step_and_its_metrics_are_read_in_order(tmp_path):
     import dagster as dg
 
-    from resources.deepspeed import reported_checkpoint, run_metrics
+    from resources.deepspeed import reported_checkpoint
+    from sleep_pipeline.train.runtime import read_metrics
 
     first = dg.MaterializeResult(metadata={"steps": 4})
     with pytest.raises(dg.Failure, match="the Dream worker finished without reporting a checkpoint"):
@@ -138,6 +139,6 @@ def test_a_worker_that_reports_no_checkpoint_fails_the_step_and_its_metrics_are_
     done = dg.MaterializeResult(metadata={"checkpoint": dg.MetadataValue.path(str(tmp_path / "ckpt")), "steps": 8})
     reported, checkpoint = reported_checkpoint([first, done], "Learn worker")
     assert checkpoint == tmp_path / "ckpt" and reported["steps"] == 8
-    assert run_metrics(tmp_path) == []  # no metrics file yet: an empty curve, not an error
+    assert read_metrics(tmp_path) == []  # no metrics file yet: an empty curve, not an error
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n\n')
-    assert [m["step"] for m in run_metrics(tmp_path)] == [1, 2]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]

@@ -76,11 +76,10 @@ def unchanged(db_path: Path, parent: candidates.Candidate, blend_id: str, train_
     trained from this parent on this blend with this training recipe and these DPO settings, whose files
     still verify; else None. The data version is the parent's and does not name the blend: the
     manifests do."""
-    ft = recipe.finetune
     trained = candidates.find_same_inputs(
         db_path, PHASE, parent.data_version, train_recipe.recipe_hash(), (parent.candidate_id,),
         where=lambda m: (m.get("dream_blend"), m.get("preference_beta"), m.get("preference_sft_weight"))
-        == (blend_id, ft.beta, ft.sft_weight))
+        == (blend_id, *objective(recipe)))
     return None if trained is None else served_child(db_path, trained) or trained
 
 
@@ -90,11 +89,17 @@ def served_child(db_path: Path, trained: candidates.Candidate) -> candidates.Can
                                        (trained.candidate_id,))
 
 
+def objective(recipe: DreamRecipe) -> tuple[float, float]:
+    """What the fine-tune optimises beyond its training recipe: DPO's beta and the SFT term's weight (they
+    come from the dream recipe). A dreamed candidate is reused, and a run resumed, only under the same."""
+    return recipe.finetune.beta, recipe.finetune.sft_weight
+
+
 def run_key(plan: Plan, recipe: DreamRecipe) -> str:
     """The run directory's key: an interrupted run is resumed only under the same parent, blend, training
-    recipe and objective (DPO's beta and the SFT weight come from the dream recipe, not the training one)."""
-    objective = f"b{recipe.finetune.beta:g}-s{recipe.finetune.sft_weight:g}"
-    return f"dream-{plan.blend.blend_id}-{plan.train_recipe.recipe_hash()}-{objective}-{plan.parent.short}"
+    recipe and objective."""
+    beta, sft_weight = objective(recipe)
+    return f"dream-{plan.blend.blend_id}-{plan.train_recipe.recipe_hash()}-b{beta:g}-s{sft_weight:g}-{plan.parent.short}"
 
 
 def worker_args(plan: Plan, storage_root: Path, db_path: Path, recipe: DreamRecipe) -> list[str]:

@@ -35,7 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from sleep_pipeline.train.modeling import read_jsonl
 from sleep_pipeline.train.recipe import TrainRecipe
+
+METRICS_FILE = "metrics.jsonl"  # rank 0's step metrics in the run directory, one JSON object a line
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The step metrics a worker wrote to its run directory, oldest first ([] before the first step)."""
+    path = Path(run_dir) / METRICS_FILE
+    return read_jsonl(path) if path.exists() else []
 
 COMPLETE = "COMPLETE.json"
 STATE = "run_state.json"
@@ -293,7 +302,7 @@ class RunContext:
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / METRICS_FILE
 
     def rows(self, split: str) -> list[dict]:
         """The rows of ``DATA_DIR/<split>.jsonl`` (its presence was checked at start-up)."""
@@ -411,8 +420,7 @@ class RunContext:
         final_eval = self.final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
         # only rank 0 writes metrics.jsonl (and may still be appending to it): the others must not read
         # it, or they can meet a half-written line
-        all_metrics = ([json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-                       if self.rank == 0 and self.metrics_path.exists() else self.history)
+        all_metrics = read_metrics(self.run_dir) if self.rank == 0 and self.metrics_path.exists() else self.history
         losses = [h["loss"] for h in self.history if "loss" in h]
         initial_eval = next((m["eval_loss"] for m in all_metrics if "eval_loss" in m and m["step"] == 0), None)
         return {
