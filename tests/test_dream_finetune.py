@@ -67,7 +67,8 @@ def test_look_alike_and_plain_pairs_together_never_outnumber_attack_pairs():
     parts, notes = blending.split_dream_rows(rows + attacks + plain)
     kept = [r for r in parts["dpo_pairs"] if r["bucket"] == "benign"]
     assert sum(r.get("kind") == "plain" for r in kept) == 3 and sum(r.get("kind") is None for r in kept) == 3
-    assert any("2 of 5 plain everyday pairs left out" in n for n in notes)
+    assert "2 of 5 plain everyday pairs left out" in notes[0] and "4 of 7 look-alike pairs left out" in notes[1]
+    assert all("together do not outnumber the 6 attack pairs" in n for n in notes)
     # a scarce kind leaves its room to the other: 1 look-alike, so 5 plain pairs fit beside 6 attacks
     parts, _ = blending.split_dream_rows(rows[:3] + rows[3:4] + attacks + plain)
     kept = [r for r in parts["dpo_pairs"] if r["bucket"] == "benign"]
