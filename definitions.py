@@ -17,15 +17,19 @@ from assets.data import build_data_assets
 from assets.dream import dream_set, dreamed_checkpoint, red_team_library
 from assets.gate import capability_gate, gate_report, gate_suites, gated_release, safety_gate
 from assets.learn import trained_checkpoint
-from assets.release import rollback_release
+from assets.memory import retrieval_index
+from assets.data import DATA_GROUP, SOURCE_GROUP
+from assets.release import promote_canary, raise_alarm, rollback_release
 from resources.deepspeed import DeepSpeedClusterResource
 from resources.storage import (CompressRecipeResource, DataRecipeResource, DreamRecipeResource, GateRecipeResource,
-                               StorageResource, TrainRecipeResource)
-from schedules.jobs import SCHEDULES, sleep_cycle_job
+                               MemoryRecipeResource, RhythmsResource, StorageResource, TrainRecipeResource)
+from schedules.jobs import build_automation, sleep_cycle_job
 from sleep_pipeline.compress.recipe import load_compress_recipe
 from sleep_pipeline.config import load_data_recipe
 from sleep_pipeline.dream.recipe import load_dream_recipe
 from sleep_pipeline.gate.decide import load_gate_recipe
+from sleep_pipeline.memory.index import load_memory_recipe
+from sleep_pipeline.rhythms import load_rhythms
 from sleep_pipeline.train.recipe import load_train_recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -40,17 +44,31 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     compress = load_compress_recipe(recipes_dir / "compress.yaml")
     if compress.distil.enabled:
         load_train_recipe(compress.distil.recipe, storage_dir)
-    dream = load_dream_recipe(recipes_dir / "dream.yaml")
-    if dream.finetune.enabled:
-        load_train_recipe(dream.finetune.recipe, storage_dir)
+    rhythms = load_rhythms(recipes_dir)
+    load_memory_recipe(recipes_dir, storage_dir)
+    for path in [recipes_dir / "dream.yaml", *(r.recipes["dream"] for r in rhythms.rhythms.values() if "dream" in r.recipes)]:
+        dream = load_dream_recipe(path)
+        if dream.finetune.enabled:
+            load_train_recipe(dream.finetune.recipe, storage_dir)
     assets, checks = build_data_assets(recipe)
+    phase_keys = {
+        "index": [retrieval_index.key],
+        "learn": [a.key for a in assets if a.group_names_by_key[a.key] in (SOURCE_GROUP, DATA_GROUP)]
+                 + [trained_checkpoint.key],
+        "compress": [compressed_checkpoint.key],
+        "dream": [gate_suites.key, red_team_library.key, dream_set.key, dreamed_checkpoint.key],
+        "gate": [gate_report.key],
+        "release": [gated_release.key],
+    }
+    schedules, sensors = build_automation(rhythms, phase_keys)
     return dg.Definitions(
         assets=[*assets, trained_checkpoint, compressed_checkpoint, red_team_library, dream_set, dreamed_checkpoint,
                 gate_suites, gate_report,
-                gated_release],
+                gated_release, retrieval_index],
         asset_checks=[*checks, capability_gate, safety_gate],
-        jobs=[sleep_cycle_job, rollback_release],
-        schedules=SCHEDULES,
+        jobs=[sleep_cycle_job, rollback_release, promote_canary, raise_alarm],
+        schedules=schedules,
+        sensors=sensors,
         resources={
             "storage": StorageResource(root_dir=str(storage_dir)),
             "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),
@@ -58,6 +76,8 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
             "gate_recipe": GateRecipeResource(path=str(recipes_dir / "gate.yaml")),
             "compress_recipe": CompressRecipeResource(path=str(recipes_dir / "compress.yaml")),
             "dream_recipe": DreamRecipeResource(path=str(recipes_dir / "dream.yaml")),
+            "rhythms": RhythmsResource(recipes_dir=str(recipes_dir)),
+            "memory_recipe": MemoryRecipeResource(recipes_dir=str(recipes_dir)),
             "deepspeed": DeepSpeedClusterResource(
                 accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),
                 num_gpus=int(os.environ.get("SLEEP_PIPELINE_NUM_GPUS", "2")),

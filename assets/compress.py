@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.lineage import recorded
+from assets.lineage import cycle_metadata, recorded
 from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint
 from resources.storage import CompressRecipeResource, GateRecipeResource, StorageResource
 from sleep_pipeline import candidates
@@ -76,4 +76,5 @@ def compressed_checkpoint(context: dg.AssetExecutionContext, config: CompressCon
         "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in out.notes) or "none"),
         "merge_steps": dg.MetadataValue.json(out.merge_steps),
         "seconds": out.seconds,
+        **cycle_metadata(context),
     })

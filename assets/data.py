@@ -9,7 +9,7 @@ import json
 
 import dagster as dg
 
-from assets.lineage import recorded
+from assets.lineage import cycle_metadata, recorded
 from resources.storage import DataRecipeResource, StorageResource
 from sleep_pipeline.config import DataRecipe, SourceConfig
 from sleep_pipeline.data.corpus import build_deduped_corpus, ingest_source
@@ -144,6 +144,7 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
                 "replay": dg.MetadataValue.json(m["replay"]),
                 "train_file": dg.MetadataValue.path(m["files"]["train"]),
                 "manifest": dg.MetadataValue.json(m),
+                **cycle_metadata(context),
             },
         )
 

@@ -3,17 +3,20 @@
 ``dreamed_checkpoint`` (the candidate fine-tuned on blend(dpo pairs, synthetic, sft replay) on the
 DeepSpeed resource), which the Gate judges.
 
-All three start from the candidate ``compressed_checkpoint`` selected.
+All three start from the candidate ``compressed_checkpoint`` selected -- or, in a rhythm whose
+``dream_from`` is ``live`` (the daily one), from the live release, with that rhythm's dream recipe.
 """
 
 from typing import Literal
 
 import dagster as dg
 
-from assets.lineage import recorded
+from assets.lineage import cycle_metadata, recorded, rhythm_of
 from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint
-from resources.storage import CompressRecipeResource, DreamRecipeResource, GateRecipeResource, StorageResource
+from resources.storage import (CompressRecipeResource, DreamRecipeResource, GateRecipeResource, RhythmsResource,
+                               StorageResource)
 from sleep_pipeline import candidates
+from sleep_pipeline.release import registry
 from sleep_pipeline.dream import finetune, redteam
 from sleep_pipeline.dream import run as dream_run
 from sleep_pipeline.plots import loss_curve_markdown
@@ -21,6 +24,18 @@ from sleep_pipeline.train import learn
 from sleep_pipeline.train.runtime import read_metrics
 
 DREAM_GROUP = "dream"
+
+
+def dream_start(context, storage: StorageResource, rhythms: RhythmsResource, dream_recipe: DreamRecipeResource):
+    """(the candidate id Dream starts from, the dream recipe) for this run's rhythm."""
+    rhythm = rhythms.of(rhythm_of(context))
+    if rhythm is not None and rhythm.dream_from == "live":
+        live = registry.live(storage.db_path)
+        if live is None:
+            raise dg.Failure(f"the {rhythm.name} rhythm dreams from the live release, and nothing is live yet: "
+                             "release a candidate first (a weekly or monthly cycle, or the sleep_cycle job)")
+        return live.checkpoint_sha256, dream_recipe.load(rhythm)
+    return recorded(context, "compressed_checkpoint", "candidate_id"), dream_recipe.load(rhythm)
 
 
 class DreamConfig(dg.Config):
@@ -37,11 +52,11 @@ class DreamConfig(dg.Config):
                 "coverage per harm category x transform, and attack success rate per transform over refreshes.",
 )
 def red_team_library(context: dg.AssetExecutionContext, storage: StorageResource, dream_recipe: DreamRecipeResource,
-                     gate_recipe: GateRecipeResource) -> dg.MaterializeResult:
+                     gate_recipe: GateRecipeResource, rhythms: RhythmsResource) -> dg.MaterializeResult:
+    start, recipe = dream_start(context, storage, rhythms, dream_recipe)
     try:
-        out = dream_run.refresh_library(storage.db_path, storage.root, recorded(context, "compressed_checkpoint",
-                                                                                  "candidate_id"),
-                                        dream_recipe.load(), gate_recipe.load(), log=context.log.info)
+        out = dream_run.refresh_library(storage.db_path, storage.root, start, recipe, gate_recipe.load(),
+                                        log=context.log.info)
     except (dream_run.DreamError, candidates.CandidateError) as exc:
         raise dg.Failure(str(exc)) from exc
     cov = out.coverage
@@ -55,6 +70,7 @@ def red_team_library(context: dg.AssetExecutionContext, storage: StorageResource
         "curated_entries": curated,
         "coverage": dg.MetadataValue.md(redteam.coverage_markdown(cov)),
         "success_rate_plot": dg.MetadataValue.md(redteam.success_plot_markdown(cov)),
+        **cycle_metadata(context),
     })
 
 
@@ -70,10 +86,12 @@ def red_team_library(context: dg.AssetExecutionContext, storage: StorageResource
                 "to rater_queue for people (`sleep-pipeline rater next`).",
 )
 def dream_set(context: dg.AssetExecutionContext, config: DreamConfig, storage: StorageResource,
-              dream_recipe: DreamRecipeResource, gate_recipe: GateRecipeResource) -> dg.MaterializeResult:
+              dream_recipe: DreamRecipeResource, gate_recipe: GateRecipeResource,
+              rhythms: RhythmsResource) -> dg.MaterializeResult:
+    start, recipe = dream_start(context, storage, rhythms, dream_recipe)
     try:
-        out = dream_run.dream(storage.db_path, storage.root, recorded(context, "compressed_checkpoint", "candidate_id"),
-                              dream_recipe.load(), gate_recipe.load(), log=context.log.info, force=config.force)
+        out = dream_run.dream(storage.db_path, storage.root, start, recipe, gate_recipe.load(), log=context.log.info,
+                              force=config.force)
     except (dream_run.DreamError, candidates.CandidateError) as exc:
         raise dg.Failure(str(exc)) from exc
     table = ["| strategy | items | accepted | of which pairs |", "|---|---|---|---|"]
@@ -92,6 +110,7 @@ def dream_set(context: dg.AssetExecutionContext, config: DreamConfig, storage: S
                                            "`sleep-pipeline rater next`"),
         "path": dg.MetadataValue.path(str(out.path)),
         "seconds": out.seconds,
+        **cycle_metadata(context),
     })
 
 
@@ -116,15 +135,14 @@ class DreamedConfig(dg.Config):
 )
 def dreamed_checkpoint(context: dg.AssetExecutionContext, config: DreamedConfig, storage: StorageResource,
                        deepspeed: DeepSpeedClusterResource, dream_recipe: DreamRecipeResource,
-                       compress_recipe: CompressRecipeResource) -> dg.MaterializeResult:
-    recipe = dream_recipe.load()
-    parent_id = recorded(context, "compressed_checkpoint", "candidate_id")
+                       compress_recipe: CompressRecipeResource, rhythms: RhythmsResource) -> dg.MaterializeResult:
+    parent_id, recipe = dream_start(context, storage, rhythms, dream_recipe)
     dream_id = recorded(context, "dream_set", "dream_id")
     try:
         plan = finetune.prepare(storage.db_path, storage.root, parent_id, dream_id, recipe, force=config.force)
     except (dream_run.DreamError, candidates.CandidateError, KeyError) as exc:
         raise dg.Failure(str(exc)) from exc
-    common = {"dream_id": dream_id, "dream_parent": plan.parent.candidate_id}
+    common = {"dream_id": dream_id, "dream_parent": plan.parent.candidate_id, **cycle_metadata(context)}
     if plan.skip:
         context.log.info(f"not dreaming: {plan.skip}; candidate {plan.parent.short} goes to the Gate unchanged")
         return dg.MaterializeResult(metadata={**plan.parent.to_metadata(), **common, "trained": False,

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 import dagster as dg
 
-from assets.lineage import recorded
+from assets.lineage import cycle_metadata, recorded
 from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint
 from resources.storage import StorageResource, TrainRecipeResource
 from sleep_pipeline import candidates
@@ -52,7 +52,7 @@ def trained_checkpoint(context: dg.AssetExecutionContext, config: LearnConfig, s
     if existing is not None:
         context.log.info(f"unchanged: candidate {existing.short} was trained from the same data version, recipe and "
                          f"starting model ({existing.path}); not training again (run config force: true to retrain)")
-        return dg.MaterializeResult(metadata={**existing.to_metadata(), "unchanged": True,
+        return dg.MaterializeResult(metadata={**existing.to_metadata(), **cycle_metadata(context), "unchanged": True,
                                               "checkpoint": dg.MetadataValue.path(existing.path)})
     data_dir = Path(manifest["files"]["train"]).parent
     args = ["--recipe", recipe.source, "--data-dir", str(data_dir), "--out-root", str(storage.learn_checkpoints),
@@ -70,6 +70,7 @@ def trained_checkpoint(context: dg.AssetExecutionContext, config: LearnConfig, s
     return dg.MaterializeResult(metadata={
         **reported,
         **cand.to_metadata(),
+        **cycle_metadata(context),
         "unchanged": False,
         "checkpoint": dg.MetadataValue.path(cand.path),
         "loss_curve": dg.MetadataValue.md(loss_curve_markdown(read_metrics(run_dir))),

@@ -9,6 +9,8 @@ from sleep_pipeline.compress.recipe import CompressRecipe, load_compress_recipe
 from sleep_pipeline.config import DataRecipe, load_data_recipe
 from sleep_pipeline.dream.recipe import DreamRecipe, load_dream_recipe
 from sleep_pipeline.gate.decide import GateRecipe, load_gate_recipe
+from sleep_pipeline.memory.index import MemoryRecipe, load_memory_recipe
+from sleep_pipeline.rhythms import Rhythm, Rhythms, load_rhythms
 from sleep_pipeline.train.recipe import TrainRecipe, load_train_recipe
 
 
@@ -74,9 +76,32 @@ class CompressRecipeResource(dg.ConfigurableResource):
 
 
 class DreamRecipeResource(dg.ConfigurableResource):
-    """The Dream recipe (``recipes/dream.yaml``): generator, strategies, quality gate, rater sample."""
+    """The Dream recipe (``recipes/dream.yaml``): generator, strategies, quality gate, rater sample. A
+    rhythm may bring its own (rhythms.yaml: ``recipes.dream``)."""
 
     path: str
 
-    def load(self) -> DreamRecipe:
-        return load_dream_recipe(self.path)
+    def load(self, rhythm: Rhythm | None = None) -> DreamRecipe:
+        return load_dream_recipe((rhythm.recipes.get("dream") if rhythm else None) or self.path)
+
+
+class RhythmsResource(dg.ConfigurableResource):
+    """The rhythms (``recipes/rhythms.yaml``): slots, cycle ids, gate rhythm, channel, soak, trigger."""
+
+    recipes_dir: str
+
+    def load(self) -> Rhythms:
+        return load_rhythms(self.recipes_dir)
+
+    def of(self, name: str | None) -> Rhythm | None:
+        """The rhythm ``name`` (a run's rhythm tag), or None outside a rhythm."""
+        return self.load().get(name)
+
+
+class MemoryRecipeResource(dg.ConfigurableResource):
+    """The retrieval index recipe (``recipes/memory.yaml``): knowledge sources, questions, quality control."""
+
+    recipes_dir: str
+
+    def load(self, storage: StorageResource) -> MemoryRecipe:
+        return load_memory_recipe(self.recipes_dir, storage.root)

@@ -93,17 +93,54 @@ def cmd_release_list(args: argparse.Namespace) -> int:
 
     db = _home(args) / "sleep.duckdb"
     current = registry.live(db)
+    canary = registry.canary(db)
     rows = registry.list_releases(db)
     if not rows:
         print("no releases yet")
         return 0
-    print(f"{'':2}{'version':8} {'created':19} {'candidate':12} {'data version':22} {'gate report':32} checkpoint")
+    print(f"{'':2}{'version':8} {'created':19} {'candidate':12} {'cycle':18} {'data version':22} {'gate report':32} "
+          "checkpoint")
     for r in rows:
-        mark = "* " if current and r.version == current.version else "  "
+        mark = "* " if current and r.version == current.version else ("c " if canary and r.version == canary[0].version
+                                                                        else "  ")
         state = f"  REVOKED: {r.revoke_reason}" if r.revoked else ""
-        print(f"{mark}{r.version:8} {str(r.created_at)[:19]:19} {r.checkpoint_sha256[:12]:12} {r.data_version or '':22} "
-              f"{r.gate_report_id or '':32} {r.checkpoint_path}{state}")
-    print("(* = live)")
+        print(f"{mark}{r.version:8} {str(r.created_at)[:19]:19} {r.checkpoint_sha256[:12]:12} {r.cycle_id or '':18} "
+              f"{r.data_version or '':22} {r.gate_report_id or '':32} {r.checkpoint_path}{state}")
+    print("(* = live, c = canary)")
+    for a in registry.open_alarms(db):
+        print(f"open alarm {a['alarm_id']} on {a['version']} ({a['source']}, {str(a['raised_at'])[:19]}): {a['reason']}")
+    return 0
+
+
+def cmd_release_promote(args: argparse.Namespace) -> int:
+    from sleep_pipeline.release import registry
+
+    db = _home(args) / "sleep.duckdb"
+    before = registry.live(db)
+    rel = registry.promote(db, args.version, reason=args.reason)
+    print(f"promoted canary {rel.version} to live (was {before.version if before else None})")
+    return 0
+
+
+def cmd_alarm(args: argparse.Namespace) -> int:
+    from sleep_pipeline.release import registry
+
+    db = _home(args) / "sleep.duckdb"
+    if args.alarm_command == "raise":
+        live = registry.live(db)
+        version = args.version or (live.version if live else None)
+        if version is None:
+            raise ValueError("nothing is live: name the release (--version)")
+        print(f"alarm {registry.raise_alarm(db, version, args.reason, args.source)} raised on {version}")
+    elif args.alarm_command == "clear":
+        registry.clear_alarm(db, args.alarm, args.reason)
+        print(f"alarm {args.alarm} cleared")
+    else:
+        alarms = registry.open_alarms(db)
+        for a in alarms:
+            print(f"{a['alarm_id']}  {a['version']:8} {str(a['raised_at'])[:19]}  {a['source']:16} {a['reason']}")
+        if not alarms:
+            print("no open alarms")
     return 0
 
 
@@ -244,11 +281,33 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--reason", default="manual rollback")
     _home_arg(rb)
     rb.set_defaults(func=cmd_release_rollback)
+    pr = rel_sub.add_parser("promote", help="make the canary release live (stable); refused while it has an open alarm")
+    pr.add_argument("version", nargs="?", default=None, help="the canary meant (refused if the canary is another one)")
+    pr.add_argument("--reason", default="promoted by a person")
+    _home_arg(pr)
+    pr.set_defaults(func=cmd_release_promote)
     rv = rel_sub.add_parser("revoke", help="mark VERSION unusable (rollbacks skip it); if live, switch back first")
     rv.add_argument("version")
     rv.add_argument("--reason", required=True)
     _home_arg(rv)
     rv.set_defaults(func=cmd_release_revoke)
+
+    al = sub.add_parser("alarm", help="Regression alarms on a release: block its canary's promotion, let the daily "
+                                      "rhythm roll back, start a cycle early (training trigger).")
+    al_sub = al.add_subparsers(dest="alarm_command", required=True)
+    ar = al_sub.add_parser("raise", help="raise an alarm on a release (default: the live one)")
+    ar.add_argument("--reason", required=True)
+    ar.add_argument("--version")
+    ar.add_argument("--source", default="person", help="who raises it (monitoring, person, ...)")
+    _home_arg(ar)
+    ac = al_sub.add_parser("clear", help="clear an open alarm")
+    ac.add_argument("alarm")
+    ac.add_argument("--reason", required=True)
+    _home_arg(ac)
+    alist = al_sub.add_parser("list", help="open alarms")
+    _home_arg(alist)
+    for p_ in (ar, ac, alist):
+        p_.set_defaults(func=cmd_alarm)
 
     cands = sub.add_parser("candidates", help="Model candidates: every model a cycle produced, with its lineage.")
     cands_sub = cands.add_subparsers(dest="candidates_command", required=True)

@@ -25,7 +25,7 @@ def copy_recipes(dest: Path) -> Path:
     """The shipped recipes in ``dest``, Compress shrunk (:func:`shrink_compress`)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml", "compress.yaml", "distil.yaml", "dream.yaml",
-                 "dream_train.yaml"):
+                 "dream_train.yaml", "dream_daily.yaml", "dream_train_daily.yaml", "rhythms.yaml", "memory.yaml"):
         shutil.copy(RECIPES / name, dest / name)
     shutil.copytree(RECIPES / "model", dest / "model", dirs_exist_ok=True)
     shutil.copytree(RECIPES / "lm_eval_tasks", dest / "lm_eval_tasks", dirs_exist_ok=True)
@@ -35,14 +35,17 @@ def copy_recipes(dest: Path) -> Path:
 def shrink_dream(recipes: Path) -> Path:
     """The shipped Dream recipes with a few prompts per strategy and a few fine-tuning steps (the plumbing is the
     subject)."""
-    raw = yaml.safe_load((recipes / "dream.yaml").read_text())
-    raw["self_consistency"].update(prompts=4, samples=2, max_new_tokens=16)
-    raw["counterfactual"].update(items=6)
-    raw["red_team"].update(seeds=8, benign=4, max_new_tokens=16, library_per_cell=1)
-    (recipes / "dream.yaml").write_text(yaml.safe_dump(raw))
-    train = yaml.safe_load((recipes / "dream_train.yaml").read_text())
-    train["training"].update(max_steps=4, save_steps=4, logging_steps=1)
-    (recipes / "dream_train.yaml").write_text(yaml.safe_dump(train))
+    for dream, train_name in (("dream.yaml", "dream_train.yaml"), ("dream_daily.yaml", "dream_train_daily.yaml")):
+        if not (recipes / dream).exists():
+            continue
+        raw = yaml.safe_load((recipes / dream).read_text())
+        raw["self_consistency"].update(prompts=4, samples=2, max_new_tokens=16)
+        raw["counterfactual"].update(items=6)
+        raw["red_team"].update(seeds=8, benign=4, max_new_tokens=16, library_per_cell=1)
+        (recipes / dream).write_text(yaml.safe_dump(raw))
+        train = yaml.safe_load((recipes / train_name).read_text())
+        train["training"].update(max_steps=4, save_steps=4, logging_steps=1)
+        (recipes / train_name).write_text(yaml.safe_dump(train))
     return recipes
 
 

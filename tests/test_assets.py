@@ -44,7 +44,9 @@ def test_definitions_load_with_sources_upstream_of_the_corpus(recipes_dir, tmp_p
     release = graph.get(dg.AssetKey("gated_release"))
     assert release.pools == {"sleep_pipeline_release"}
     assert {c.name for c in defs.resolve_asset_graph().asset_check_keys} >= {"capability_gate", "safety_gate"}
-    assert {s.name for s in defs.schedules} == {"nightly_sleep_cycle", "weekly_sleep_cycle", "monthly_sleep_cycle"}
+    assert {s.name for s in defs.schedules} == {"weekly_rhythm", "monthly_rhythm", "daily_rhythm"}
+    assert {s.name for s in defs.sensors} == {"canary_promotion", "training_trigger"}
+    assert {j.name for j in defs.jobs} >= {"sleep_cycle", "rollback_release", "promote_canary", "raise_alarm"}
     # the module-level object dagster loads is valid too
     assert definitions.defs.resolve_asset_graph().get_all_asset_keys()
 

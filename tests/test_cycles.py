@@ -51,9 +51,11 @@ def test_cycles_on_one_storage_each_gate_their_own_candidate(tmp_path, storage, 
     instance = dg.DagsterInstance.ephemeral()
     db = storage / "sleep.duckdb"
 
-    # cycle 1: the shipped thresholds reject the tiny model; live stays empty; failures go to replay
+    # cycle 1: the shipped thresholds reject the tiny model; the run ends as a rejection, not a failure;
+    # live stays empty; failures go to replay
     first = _cycle(_recipes(tmp_path, "r1", strict=True), storage, instance)
-    assert not first.success
+    assert first.success and not first.asset_materializations_for_node("gated_release")
+    assert instance.get_run_by_id(first.run_id).tags["sleep_pipeline/decision"] == "rejected"
     report1 = gate.get_report(db, _meta(first, "gate_report")["report_id"])
     assert not report1.passed and registry.live(db) is None
     with connect(db) as con:

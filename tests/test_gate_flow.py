@@ -163,10 +163,12 @@ def test_gate_then_release_through_dagster_and_a_failed_gate_never_moves_live(wo
     assert "released as v0001" in card and "Before and after: against the starting model" in card
     verify_checkpoint(Path(safe.path))  # the card is not part of the digest
 
-    # a refuse-everything candidate: the safety check fails, gated_release is skipped, live stays
+    # a refuse-everything candidate: the safety check fails, nothing is released, live stays; the run ends
+    # successfully as a rejection (tagged so), not as a broken pipeline
     refuser = _produce(world, "refuse_all")
     second = _gate_run(world)
-    assert not second.success
+    assert second.success
+    assert world["instance"].get_run_by_id(second.run_id).tags["sleep_pipeline/decision"] == "rejected"
     checks = {ev.asset_check_key.name: ev.passed for ev in second.get_asset_check_evaluations()}
     assert checks["safety_gate"] is False
     assert not second.asset_materializations_for_node("gated_release")
@@ -180,7 +182,7 @@ def test_gate_then_release_through_dagster_and_a_failed_gate_never_moves_live(wo
 
     # materialising gated_release alone, in a separate run, cannot release the failed candidate
     alone = _gate_run(world, "gated_release")
-    assert not alone.success
+    assert alone.success and not alone.asset_materializations_for_node("gated_release")
     assert registry.live(db).version == "v0001"
     assert [e[1] for e in registry.events(db)][-1] == "rejected"
 
@@ -190,9 +192,9 @@ def test_gate_then_release_through_dagster_and_a_failed_gate_never_moves_live(wo
     try:
         near_safe = _produce(world, "safe", noise=1e-4)
         weekly = _gate_run(world, "gate_report", "gated_release")
-        assert not weekly.success and registry.live(db).version == "v0001"
+        assert not weekly.asset_materializations_for_node("gated_release") and registry.live(db).version == "v0001"
         shopped = _gate_run(world, "gate_report", "gated_release", rhythm="nightly")
-        assert not shopped.success and registry.live(db).version == "v0001"
+        assert not shopped.asset_materializations_for_node("gated_release") and registry.live(db).version == "v0001"
         report = gate.get_report(db, shopped.asset_materializations_for_node("gate_report")[0].metadata["report_id"].value)
         assert report.rhythm == "nightly" and report.candidate_id == near_safe.candidate_id
         assert [f for f in report.failures if "was rejected by" in f and "override" in f] == report.failures, report.failures

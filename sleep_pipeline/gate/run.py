@@ -616,11 +616,13 @@ def _mark_released(report_id: str, candidate_sha256: str):
     return also
 
 
-def release_gated(db_path: Path, report_id: str, log=None) -> ReleaseOutcome:
+def release_gated(db_path: Path, report_id: str, log=None, channel: str = registry.LIVE, cycle_id: str | None = None,
+                  cadence: str | None = None) -> ReleaseOutcome:
     """Release the candidate of gate report ``report_id`` if, and only if, that report passed, no gate
     as strict or stricter rejected the same digest (unless overridden), and its files still hash to the
     digest that was evaluated. Raises :class:`GateError` otherwise (``live`` stays). A candidate whose
-    weights were released before (the live release, or an earlier one) is a no-op that says so."""
+    weights were released before (the live release, or an earlier one) is a no-op that says so.
+    ``channel`` canary moves only the canary pointer (:func:`registry.promote` makes it live later)."""
     report = get_report(db_path, report_id)
     if not report.passed:
         raise GateError(f"gate report {report.report_id} failed ({', '.join(failed_checks(report))}): the candidate is "
@@ -664,12 +666,14 @@ def release_gated(db_path: Path, report_id: str, log=None) -> ReleaseOutcome:
     try:
         rel = registry.release(db_path, Path(report.candidate_path), report.data_version, report.report_id,
                                rhythm=report.rhythm, expected_sha256=report.candidate_sha256,
-                               also=_mark_released(report.report_id, report.candidate_sha256))
+                               also=_mark_released(report.report_id, report.candidate_sha256), channel=channel,
+                               cycle_id=cycle_id, cadence=cadence)
     except registry.ReleaseError as exc:
         raise GateError(str(exc)) from exc
     report = get_report(db_path, report.report_id)
-    write_card(report, verdict_of(report), f"released as {rel.version}", rel.version)
-    message = f"released {rel.version}: candidate {rel.checkpoint_sha256[:12]} ({rel.checkpoint_path})"
+    where = "" if channel == registry.LIVE else f" to the {channel} channel"
+    write_card(report, verdict_of(report), f"released as {rel.version}{where}", rel.version)
+    message = f"released {rel.version}{where}: candidate {rel.checkpoint_sha256[:12]} ({rel.checkpoint_path})"
     if log:
         log(message)
     return ReleaseOutcome(rel, report, False, message)

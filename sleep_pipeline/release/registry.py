@@ -11,6 +11,12 @@ retried. A checkpoint is re-verified against its manifest before ``live`` may po
 Rollback goes back along the history of the pointer — to the release that was live before the current
 one, not to the previous version number — and skips revoked releases, so "rollback, new release,
 rollback" never lands on a release that was rolled away from and revoked.
+
+Two channels: ``live`` (stable, what users get) and ``canary`` beside it. A release made into the canary
+channel moves only the ``canary`` pointer; :func:`promote` makes it live after its soak (or when a person
+says so). A *regression alarm* (:func:`raise_alarm`: production monitoring, a person, or the retrieval
+index's answer accuracy) on a release keeps its canary from being promoted, lets a rejected daily
+candidate roll live back, and can start a cycle early (the training trigger).
 """
 
 from __future__ import annotations
@@ -37,8 +43,16 @@ CREATE TABLE IF NOT EXISTS release_events (
 );
 ALTER TABLE releases ADD COLUMN IF NOT EXISTS revoked_at TIMESTAMP;
 ALTER TABLE releases ADD COLUMN IF NOT EXISTS revoke_reason VARCHAR;
+ALTER TABLE releases ADD COLUMN IF NOT EXISTS cycle_id VARCHAR;
+ALTER TABLE releases ADD COLUMN IF NOT EXISTS cadence VARCHAR;
+CREATE TABLE IF NOT EXISTS regression_alarms (
+    alarm_id VARCHAR PRIMARY KEY, raised_at TIMESTAMP, version VARCHAR, source VARCHAR, reason VARCHAR,
+    cleared_at TIMESTAMP, clear_reason VARCHAR
+);
 """
 LIVE = "live"
+CANARY = "canary"
+CHANNELS = (LIVE, CANARY)
 
 
 class ReleaseError(RuntimeError):
@@ -58,6 +72,8 @@ class Release:
     notes: str
     revoked_at: object = None
     revoke_reason: str | None = None
+    cycle_id: str | None = None
+    cadence: str | None = None  # the rhythm (weekly, monthly, daily) whose cycle made it
 
     @property
     def revoked(self) -> bool:
@@ -88,8 +104,8 @@ def _transaction(db_path: Path, fn, attempts: int = 20):
     raise AssertionError("unreachable")
 
 
-def _live(con) -> str | None:
-    rows = con.execute("SELECT version FROM release_pointer WHERE name = ?", [LIVE]).fetchall()
+def _live(con, channel: str = LIVE) -> str | None:
+    rows = con.execute("SELECT version FROM release_pointer WHERE name = ?", [channel]).fetchall()
     return rows[0][0] if rows else None
 
 
@@ -114,7 +130,7 @@ def _previous_live(con, current: str) -> str | None:
     seen, version = {current}, current
     while True:
         rows = con.execute("SELECT from_version FROM release_events WHERE to_version = ? AND action IN "
-                           "('release', 'rollback', 'revoke') ORDER BY event_at DESC LIMIT 1", [version]).fetchall()
+                           "('release', 'rollback', 'revoke', 'promote') ORDER BY event_at DESC LIMIT 1", [version]).fetchall()
         before = rows[0][0] if rows else None
         if before is None or before in seen:
             return None
@@ -124,12 +140,14 @@ def _previous_live(con, current: str) -> str | None:
         version = before
 
 
-def _move_live(con, to_version: str, action: str, reason: str) -> None:
-    before = _live(con)
+def _move_live(con, to_version: str, action: str, reason: str, channel: str = LIVE) -> None:
+    before = _live(con, channel)
     now = utcnow()
-    con.execute("DELETE FROM release_pointer WHERE name = ?", [LIVE])
-    con.execute("INSERT INTO release_pointer VALUES (?, ?, ?, ?)", [LIVE, to_version, now, reason])
-    con.execute("INSERT INTO release_events VALUES (?, ?, ?, ?, ?)", [now, action, before, to_version, reason])
+    con.execute("DELETE FROM release_pointer WHERE name = ?", [channel])
+    con.execute("INSERT INTO release_pointer VALUES (?, ?, ?, ?)", [channel, to_version, now, reason])
+    # the canary channel's moves are recorded as their own actions, which the live history walk skips
+    con.execute("INSERT INTO release_events VALUES (?, ?, ?, ?, ?)",
+                [now, action if channel == LIVE else f"{channel}:{action}", before, to_version, reason])
 
 
 def _verified_sha(checkpoint: Path) -> str:
@@ -140,10 +158,14 @@ def _verified_sha(checkpoint: Path) -> str:
 
 
 def release(db_path: Path, checkpoint: Path, data_version: str, gate_report_id: str, rhythm: str = "weekly",
-            expected_sha256: str | None = None, notes: str = "", also=None) -> Release:
-    """Register ``checkpoint`` as a new release and make it live, atomically. ``expected_sha256`` is
-    the digest the gate evaluated: a checkpoint changed since then is refused. ``also(con, version)``
-    runs inside the same transaction (the caller's bookkeeping): if it raises, nothing is released."""
+            expected_sha256: str | None = None, notes: str = "", also=None, channel: str = LIVE,
+            cycle_id: str | None = None, cadence: str | None = None) -> Release:
+    """Register ``checkpoint`` as a new release and point ``channel`` (live, or canary) at it, atomically.
+    ``expected_sha256`` is the digest the gate evaluated: a checkpoint changed since then is refused.
+    ``also(con, version)`` runs inside the same transaction (the caller's bookkeeping): if it raises,
+    nothing is released."""
+    if channel not in CHANNELS:
+        raise ReleaseError(f"unknown channel {channel!r} (known: {', '.join(CHANNELS)})")
     checkpoint = Path(checkpoint).resolve()
     sha = _verified_sha(checkpoint)
     if expected_sha256 is not None and sha != expected_sha256:
@@ -153,9 +175,10 @@ def release(db_path: Path, checkpoint: Path, data_version: str, gate_report_id: 
         seq = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM releases").fetchall()[0][0]
         version = f"v{seq:04d}"
         con.execute("INSERT INTO releases (version, seq, checkpoint_path, checkpoint_sha256, data_version, "
-                    "gate_report_id, rhythm, created_at, notes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [version, seq, str(checkpoint), sha, data_version, gate_report_id, rhythm, utcnow(), notes])
-        _move_live(con, version, "release", f"gate report {gate_report_id} passed")
+                    "gate_report_id, rhythm, created_at, notes, cycle_id, cadence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [version, seq, str(checkpoint), sha, data_version, gate_report_id, rhythm, utcnow(), notes,
+                     cycle_id, cadence])
+        _move_live(con, version, "release", f"gate report {gate_report_id} passed", channel)
         if also is not None:
             also(con, version)
         return version
@@ -222,6 +245,10 @@ def revoke(db_path: Path, version: str, reason: str) -> tuple[Release, Release |
             raise ReleaseError(f"{version} is already revoked")
         current = _live(con)
         con.execute("UPDATE releases SET revoked_at = ?, revoke_reason = ? WHERE version = ?", [utcnow(), reason, version])
+        if _live(con, CANARY) == version:  # a revoked canary is withdrawn: nothing is left to promote
+            con.execute("DELETE FROM release_pointer WHERE name = ?", [CANARY])
+            con.execute("INSERT INTO release_events VALUES (?, ?, ?, ?, ?)",
+                        [utcnow(), f"{CANARY}:withdrawn", version, None, reason])
         if current == version:
             target = _previous_live(con, version)
             if target is None:
@@ -247,11 +274,89 @@ def get(db_path: Path, version: str) -> Release:
     return Release(*rows[0])
 
 
-def live(db_path: Path) -> Release | None:
+def live(db_path: Path, channel: str = LIVE) -> Release | None:
+    """The release ``channel`` (live, or canary) points at, or None."""
     with connect(db_path) as con:
         con.execute(SCHEMA)
-        version = _live(con)
+        version = _live(con, channel)
     return get(db_path, version) if version else None
+
+
+def canary(db_path: Path) -> tuple[Release, object] | None:
+    """The canary release and when it became the canary, or None."""
+    with connect(db_path) as con:
+        con.execute(SCHEMA)
+        rows = con.execute("SELECT version, updated_at FROM release_pointer WHERE name = ?", [CANARY]).fetchall()
+    return (get(db_path, rows[0][0]), rows[0][1]) if rows else None
+
+
+def promote(db_path: Path, version: str | None = None, reason: str = "promoted") -> Release:
+    """Make the canary release live (stable) and empty the canary channel, in one transaction.
+    ``version`` (optional) must name the canary: a promotion meant for another canary is refused. A
+    canary with an open regression alarm is refused too (clear the alarm or revoke the canary)."""
+
+    def do(con):
+        target = _live(con, CANARY)
+        if target is None:
+            raise ReleaseError("there is no canary release to promote")
+        if version is not None and version != target:
+            raise ReleaseError(f"{version} is not the canary (the canary is {target})")
+        alarms = _open_alarms(con, target)
+        if alarms:
+            raise ReleaseError(f"{target} has an open regression alarm ({alarms[0]['reason']}): not promoted; "
+                               "clear it (`sleep-pipeline alarm clear`) or revoke the canary")
+        current = _live(con)
+        if current == target:
+            raise ReleaseError(f"{target} is already live")
+        _switch(con, current, target, "promote", reason)
+        con.execute("DELETE FROM release_pointer WHERE name = ?", [CANARY])
+        return target
+
+    return get(db_path, _transaction(db_path, do))
+
+
+def _open_alarms(con, version: str | None = None) -> list[dict]:
+    where, params = ("AND version = ?", [version]) if version else ("", [])
+    cols = ["alarm_id", "raised_at", "version", "source", "reason"]
+    rows = con.execute(f"SELECT {', '.join(cols)} FROM regression_alarms WHERE cleared_at IS NULL {where} "
+                       "ORDER BY raised_at", params).fetchall()
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def raise_alarm(db_path: Path, version: str, reason: str, source: str = "person") -> str:
+    """Record a regression alarm on release ``version`` (the live one, or the canary). Returns its id."""
+    import uuid
+
+    if not reason.strip():
+        raise ReleaseError("an alarm needs a reason")
+    get(db_path, version)
+    alarm_id = uuid.uuid4().hex[:12]
+
+    def do(con):
+        con.execute("INSERT INTO regression_alarms VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                    [alarm_id, utcnow(), version, source, reason])
+
+    _transaction(db_path, do)
+    return alarm_id
+
+
+def clear_alarm(db_path: Path, alarm_id: str, reason: str) -> None:
+    def do(con):
+        n = con.execute("SELECT count(*) FROM regression_alarms WHERE alarm_id = ? AND cleared_at IS NULL",
+                        [alarm_id]).fetchall()[0][0]
+        if not n:
+            raise ReleaseError(f"no open alarm {alarm_id!r}")
+        con.execute("UPDATE regression_alarms SET cleared_at = ?, clear_reason = ? WHERE alarm_id = ?",
+                    [utcnow(), reason, alarm_id])
+
+    _transaction(db_path, do)
+
+
+def open_alarms(db_path: Path, version: str | None = None) -> list[dict]:
+    """Alarms not cleared yet (on ``version``, or on any release), oldest first."""
+    with connect(db_path) as con:
+        con.execute(SCHEMA)
+        return _open_alarms(con, version)
 
 
 def list_releases(db_path: Path) -> list[Release]:
