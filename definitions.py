@@ -45,6 +45,9 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
     if compress.distil.enabled:
         load_train_recipe(compress.distil.recipe, storage_dir)
     rhythms = load_rhythms(recipes_dir)
+    for r in rhythms.rhythms.values():  # a rhythm's own Learn recipe is validated now too
+        if "learn" in r.recipes:
+            load_train_recipe(r.recipes["learn"], storage_dir)
     load_memory_recipe(recipes_dir, storage_dir)
     for path in [recipes_dir / "dream.yaml", *(r.recipes["dream"] for r in rhythms.rhythms.values() if "dream" in r.recipes)]:
         dream = load_dream_recipe(path)

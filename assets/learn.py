@@ -10,9 +10,9 @@ from typing import Literal, Optional
 
 import dagster as dg
 
-from assets.lineage import cycle_metadata, recorded
+from assets.lineage import cycle_metadata, recorded, rhythm_of
 from resources.deepspeed import DeepSpeedClusterResource, reported_checkpoint
-from resources.storage import StorageResource, TrainRecipeResource
+from resources.storage import RhythmsResource, StorageResource, TrainRecipeResource
 from sleep_pipeline import candidates
 from sleep_pipeline.data.mix import manifest_of
 from sleep_pipeline.plots import loss_curve_markdown
@@ -40,8 +40,9 @@ class LearnConfig(dg.Config):
                 "that candidate, unchanged, without training.",
 )
 def trained_checkpoint(context: dg.AssetExecutionContext, config: LearnConfig, storage: StorageResource,
-                       deepspeed: DeepSpeedClusterResource, learn_recipe: TrainRecipeResource) -> dg.MaterializeResult:
-    recipe = learn_recipe.load()
+                       deepspeed: DeepSpeedClusterResource, learn_recipe: TrainRecipeResource,
+                       rhythms: RhythmsResource) -> dg.MaterializeResult:
+    recipe = learn_recipe.load(rhythms.of(rhythm_of(context)))
     data_version = recorded(context, "tiered_data_mix", "version_id")
     manifest = manifest_of(storage.db_path, data_version)
     try:

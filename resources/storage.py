@@ -48,13 +48,14 @@ class DataRecipeResource(dg.ConfigurableResource):
 
 
 class TrainRecipeResource(dg.ConfigurableResource):
-    """A training recipe (``recipes/learn.yaml``), validated each time it is read."""
+    """A training recipe (``recipes/learn.yaml``), validated each time it is read. A rhythm may bring its
+    own Learn recipe (rhythms.yaml: ``recipes.learn``; the monthly rhythm's large Learn, say)."""
 
     path: str
     storage_dir: Optional[str] = None  # what {storage} in model.path stands for (the storage resource's root)
 
-    def load(self) -> TrainRecipe:
-        return load_train_recipe(self.path, self.storage_dir)
+    def load(self, rhythm: Rhythm | None = None) -> TrainRecipe:
+        return load_train_recipe((rhythm.recipes.get("learn") if rhythm else None) or self.path, self.storage_dir)
 
 
 class GateRecipeResource(dg.ConfigurableResource):

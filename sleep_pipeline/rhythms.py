@@ -28,7 +28,7 @@ CHANNELS = ("live", "canary")
 CYCLE_UNITS = ("week", "month", "day")
 DREAM_FROM = ("cycle", "live")
 GATE_RHYTHMS = ("nightly", "weekly", "monthly")
-OVERRIDABLE = ("dream",)  # recipes a rhythm may replace with its own file
+OVERRIDABLE = ("learn", "dream")  # recipes a rhythm may replace with its own file
 
 # run tags every scheduled or triggered run carries
 CYCLE_TAG = "sleep_pipeline/cycle"

@@ -25,7 +25,8 @@ def copy_recipes(dest: Path) -> Path:
     """The shipped recipes in ``dest``, Compress shrunk (:func:`shrink_compress`)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("sources.yaml", "data.yaml", "learn.yaml", "gate.yaml", "compress.yaml", "distil.yaml", "dream.yaml",
-                 "dream_train.yaml", "dream_daily.yaml", "dream_train_daily.yaml", "rhythms.yaml", "memory.yaml"):
+                 "dream_train.yaml", "dream_daily.yaml", "dream_train_daily.yaml", "rhythms.yaml", "memory.yaml",
+                 "learn_monthly.yaml"):
         shutil.copy(RECIPES / name, dest / name)
     shutil.copytree(RECIPES / "model", dest / "model", dirs_exist_ok=True)
     shutil.copytree(RECIPES / "lm_eval_tasks", dest / "lm_eval_tasks", dirs_exist_ok=True)

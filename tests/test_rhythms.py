@@ -89,6 +89,11 @@ def test_monthly_rhythm_runs_one_phase_a_week_and_a_release_candidate_in_week_fo
                                                    (22, 1): "gate+release"}
     assert {v[1] for v in month.values()} == {"monthly-2026-12"}
     assert month[(22, 1)][2] == {"gate_report", "gated_release"}
+    # week 1's Learn is the large one: the monthly rhythm's own Learn recipe, twice the weekly steps
+    rhythms, learn = shanghai.resources["rhythms"].load(), shanghai.resources["learn_recipe"]
+    monthly, weekly = learn.load(rhythms.get("monthly")), learn.load(rhythms.get("weekly"))
+    assert monthly.source.endswith("learn_monthly.yaml") and weekly.source.endswith("learn.yaml")
+    assert monthly.training.max_steps == 2 * weekly.training.max_steps
 
 
 def test_daily_rhythm_refreshes_at_2_dreams_from_live_at_3_and_gates_at_5(shanghai):
