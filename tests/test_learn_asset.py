@@ -28,7 +28,7 @@ def _shrink_learn(recipes_dir: Path, **training) -> None:
     (recipes_dir / "learn.yaml").write_text(yaml.safe_dump(recipe))
 
 
-def test_trained_checkpoint_materialises_in_process_with_two_ranks(recipes_dir, storage):
+def test_trained_checkpoint_materialises_in_process_with_two_ranks(recipes_dir, storage, capfd):
     _shrink_learn(recipes_dir)
     defs = definitions.build_defs(recipes_dir, storage)
     instance = dg.DagsterInstance.ephemeral()
@@ -45,6 +45,10 @@ def test_trained_checkpoint_materialises_in_process_with_two_ranks(recipes_dir, 
     # The worker's progress reached the run log through Pipes.
     text = "\n".join(e.user_message for e in instance.all_logs(result.run_id))
     assert "step 8/8" in text and "tokens/s" in text
+    # ... and shows in the terminal once per event (through the run log), not once more as the worker's output
+    out = capfd.readouterr()
+    terminal = (out.out + out.err).splitlines()
+    assert len([line for line in terminal if "step 8/8 loss" in line]) == 1
 
 
 def test_cancelling_the_run_leaves_no_rank_alive(recipes_dir, storage, tmp_path):

@@ -69,7 +69,8 @@ def pipes_metadata(metadata: dict) -> dict:
 
 
 class Reporter:
-    """Rank 0 reports to Dagster Pipes (when launched through it) and prints to the terminal."""
+    """Rank 0 reports to Dagster Pipes when launched through it (Dagster's log prints the line in the
+    terminal, once) and prints to the terminal otherwise."""
 
     def __init__(self, rank: int):
         self.rank = rank
@@ -83,9 +84,10 @@ class Reporter:
     def info(self, msg: str) -> None:
         if self.rank != 0:
             return
-        print(msg, flush=True)
         if self.pipes:
             self.pipes.log.info(msg)
+        else:
+            print(msg, flush=True)
 
     def error(self, msg: str) -> None:
         print(f"error: {msg}", file=sys.stderr, flush=True)
