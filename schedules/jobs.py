@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 
@@ -81,8 +82,6 @@ def rhythm_schedule(rhythm: Rhythm, timezone: str, phase_keys: dict[str, list[dg
         when = context.scheduled_execution_time
         if when is None:
             return dg.SkipReason("no scheduled time")
-        from zoneinfo import ZoneInfo
-
         when = when.astimezone(ZoneInfo(timezone)) if when.tzinfo else when.replace(tzinfo=ZoneInfo(timezone))
         request = run_request(rhythm, when, phase_keys)
         return request or dg.SkipReason(f"{when.isoformat()} is not a slot of the {rhythm.name} rhythm")

@@ -15,12 +15,11 @@ previous phase of the *same* cycle recorded (:func:`assets.lineage.recorded`).
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sleep_pipeline.recipe_checks import (check_keys, fail, get, in_file, mapping, number, one_of, read_yaml, section,
-                                          stable_hash)
+from sleep_pipeline.recipe_checks import check_keys, fail, get, in_file, mapping, number, one_of, read_yaml, section
 
 # the phases a slot can run, in cycle order
 PHASES = ("index", "learn", "compress", "dream", "gate", "release")
@@ -85,17 +84,9 @@ class Rhythms:
     timezone: str
     rhythms: dict[str, Rhythm]
     trigger: Trigger
-    raw: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
 
     def get(self, name: str | None) -> Rhythm | None:
         return self.rhythms.get(name) if name else None
-
-    def recipe_hash(self) -> str:
-        return stable_hash(self.raw)
 
 
 def cycle_id(rhythm: str, unit: str, when: dt.datetime) -> str:
@@ -219,4 +210,4 @@ def load_rhythms(recipes_dir: str | Path) -> Rhythms:
             max_days=number(t, "max_days", "trigger", None, lo=0.0),
             on_alarm=get(t, "on_alarm", "trigger", bool, True),
             interval_s=number(t, "interval_s", "trigger", 300, lo=30, kind=int))
-    return Rhythms(source=str(path), timezone=tz, rhythms=rhythms, trigger=trigger, raw=raw)
+    return Rhythms(source=str(path), timezone=tz, rhythms=rhythms, trigger=trigger)

@@ -267,8 +267,8 @@ def load_index(path: Path) -> Index:
     import bm25s
 
     idx = Index.__new__(Index)
-    idx.entries = [{**json.loads(line), "day": dt.date.fromisoformat(json.loads(line)["day"])}
-                   for line in (Path(path) / "entries.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in (Path(path) / "entries.jsonl").read_text(encoding="utf-8").splitlines()]
+    idx.entries = [{**r, "day": dt.date.fromisoformat(r["day"])} for r in rows]
     idx.bm25 = bm25s.BM25.load(str(Path(path) / "bm25"))
     return idx
 
