@@ -1,7 +1,10 @@
 """The code location: wires assets/, resources/ and schedules/ into one ``dg.Definitions``.
 
 ``SLEEP_PIPELINE_HOME`` chooses the storage directory (default ``.sleep_pipeline`` beside this file)
-and ``SLEEP_PIPELINE_RECIPES`` the recipe directory (default ``recipes``). The recipes are validated
+and ``SLEEP_PIPELINE_RECIPES`` the recipe directory (default ``recipes``). ``SLEEP_PIPELINE_EXECUTOR``
+picks how a run executes its steps: ``multiprocess`` (the default: one process per step, independent
+steps side by side) or ``in_process`` (every step in the run's own process: no per-step start-up, for a
+small machine). The recipes are validated
 here, so a bad one stops the code location from loading with a message naming the field.
 """
 
@@ -33,6 +36,7 @@ from sleep_pipeline.rhythms import load_rhythms
 from sleep_pipeline.train.recipe import load_train_recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
 
 
 def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | None = None) -> dg.Definitions:
@@ -64,6 +68,9 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
         "release": [gated_release.key],
     }
     schedules, sensors = build_automation(rhythms, phase_keys)
+    executor = os.environ.get("SLEEP_PIPELINE_EXECUTOR", "multiprocess")
+    if executor not in EXECUTORS:
+        raise ValueError(f"SLEEP_PIPELINE_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     return dg.Definitions(
         assets=[*assets, trained_checkpoint, compressed_checkpoint, red_team_library, dream_set, dreamed_checkpoint,
                 gate_suites, gate_report,
@@ -72,6 +79,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
         jobs=[sleep_cycle_job, rollback_release, promote_canary, raise_alarm],
         schedules=schedules,
         sensors=sensors,
+        executor=EXECUTORS[executor],
         resources={
             "storage": StorageResource(root_dir=str(storage_dir)),
             "data_recipe": DataRecipeResource(recipes_dir=str(recipes_dir)),
@@ -84,6 +92,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
             "deepspeed": DeepSpeedClusterResource(
                 accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),
                 num_gpus=int(os.environ.get("SLEEP_PIPELINE_NUM_GPUS", "2")),
+                max_runtime_s=float(os.environ.get("SLEEP_PIPELINE_MAX_STEP_SECONDS", 8 * 3600)),
             ),
         },
     )

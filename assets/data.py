@@ -10,6 +10,7 @@ import json
 import dagster as dg
 
 from assets.lineage import cycle_metadata, recorded
+from assets.policies import IO_RETRY
 from resources.storage import DataRecipeResource, StorageResource
 from sleep_pipeline.config import DataRecipe, SourceConfig
 from sleep_pipeline.data.corpus import build_deduped_corpus, ingest_source
@@ -46,6 +47,7 @@ def _source_asset(src: SourceConfig) -> dg.AssetsDefinition:
                   "bucket": src.bucket or f"from field {src.bucket_field!r}"},
         tags={"tier": str(src.tier)},
         kinds={"duckdb", src.format},
+        retry_policy=IO_RETRY,
     )
     def _ingest(context: dg.AssetExecutionContext, storage: StorageResource, data_recipe: DataRecipeResource) -> dg.MaterializeResult:
         recipe = data_recipe.load(storage)

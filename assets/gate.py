@@ -10,6 +10,7 @@ from typing import Optional
 import dagster as dg
 
 from assets.lineage import cycle_metadata, cycle_of, recorded, rhythm_of
+from assets.policies import IO_RETRY, permanent
 from resources.storage import DreamRecipeResource, GateRecipeResource, RhythmsResource, StorageResource
 from sleep_pipeline import candidates
 from sleep_pipeline.gate import render
@@ -33,6 +34,7 @@ class GateConfig(dg.Config):
     group_name=GATE_GROUP,
     deps=["tiered_data_mix"],
     kinds={"lm_eval", "json"},
+    retry_policy=IO_RETRY,
     description="The gate's evaluation suites as lm-eval task definitions over local JSONL, generated offline: "
                 "suites held out from the data version tiered_data_mix recorded (any item seen in training is dropped "
                 "and replaced), and the frozen held-out suites (ho_*: requests, harm categories, jailbreak templates, "
@@ -148,6 +150,7 @@ class ReleaseConfig(dg.Config):
     deps=["gate_report"],
     pool=RELEASE_POOL,
     kinds={"duckdb"},
+    retry_policy=IO_RETRY,
     output_required=False,
     description="Release the candidate of the report gate_report recorded into the live or canary channel: re-reads "
                 "the stored verdict, refuses a candidate an as-strict gate rejected, re-checks the candidate's sha256, "
@@ -161,7 +164,7 @@ def gated_release(context: dg.AssetExecutionContext, config: ReleaseConfig, stor
     rhythm = rhythms.of(rhythm_of(context))
     channel = config.channel or (rhythm.release_to if rhythm else registry.LIVE)
     if channel not in registry.CHANNELS:
-        raise dg.Failure(f"channel must be one of {registry.CHANNELS}, got {channel!r}")
+        raise permanent(f"channel must be one of {registry.CHANNELS}, got {channel!r}")
     report = gate.get_report(storage.db_path, recorded(context, "gate_report", "report_id"))
     if not report.passed:
         context.instance.add_run_tags(context.run.run_id, {DECISION_TAG: "rejected"})
@@ -185,7 +188,7 @@ def gated_release(context: dg.AssetExecutionContext, config: ReleaseConfig, stor
         out = gate.release_gated(storage.db_path, report.report_id, log=context.log.info, channel=channel,
                                  cycle_id=cycle_of(context), cadence=rhythm.name if rhythm else None)
     except gate.GateError as exc:
-        raise dg.Failure(str(exc)) from exc
+        raise permanent(str(exc)) from exc
     rel, report = out.release, out.report
     with open(report.card_path, encoding="utf-8") as fh:
         card = fh.read()

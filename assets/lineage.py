@@ -69,10 +69,10 @@ def recorded(context, asset: str, key: str) -> str:
         mat = _in_cycle(context, asset_key, key, cycle)
         if mat is None:
             raise dg.Failure(f"cycle {cycle} has no {asset} yet: its phase has not run (or failed) in this cycle; "
-                             f"run it for cycle {cycle} first (tag {CYCLE_TAG}={cycle})")
+                             f"run it for cycle {cycle} first (tag {CYCLE_TAG}={cycle})", allow_retries=False)
         return str(_value(mat.metadata[key]))
     event = context.instance.get_latest_materialization_event(asset_key)
     mat = event.asset_materialization if event else None
     if mat is None or key not in mat.metadata:
-        raise dg.Failure(f"{asset} has recorded no {key} yet: materialise {asset} first")
+        raise dg.Failure(f"{asset} has recorded no {key} yet: materialise {asset} first", allow_retries=False)
     return str(_value(mat.metadata[key]))

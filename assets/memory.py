@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from assets.lineage import cycle_metadata, cycle_of
+from assets.policies import IO_RETRY, permanent
 from resources.storage import MemoryRecipeResource, RhythmsResource, StorageResource
 from sleep_pipeline.memory import index as memory
 from sleep_pipeline.rhythms import AS_OF_TAG
@@ -32,6 +33,7 @@ def _pct(x) -> str:
 @dg.asset(
     group_name=MEMORY_GROUP,
     kinds={"bm25s", "duckdb"},
+    retry_policy=IO_RETRY,
     description="The retrieval index over the high-churn knowledge sources (memory.yaml), quality-controlled "
                 "(dedup, freshness window, minimum quality; rejections in retrieval_rejections with their reason), "
                 "measured on every refresh (retrieval_refreshes): hit@k, recall@k, stale@k and the live release's "
@@ -44,12 +46,12 @@ def retrieval_index(context: dg.AssetExecutionContext, config: IndexConfig, stor
     try:
         as_of = dt.date.fromisoformat(day) if day else dt.datetime.now(ZoneInfo(rhythms.load().timezone)).date()
     except ValueError as exc:
-        raise dg.Failure(f"as_of must be a date (YYYY-MM-DD), got {day!r}") from exc
+        raise permanent(f"as_of must be a date (YYYY-MM-DD), got {day!r}") from exc
     try:
         out = memory.refresh(storage.db_path, storage.root, recipe, as_of, cycle_id=cycle_of(context),
                              log=context.log.info)
     except memory.MemoryError_ as exc:
-        raise dg.Failure(str(exc)) from exc
+        raise permanent(str(exc)) from exc
     memory.prune(storage.root, storage.db_path)
     rows = ["| index | entries | hit@k | recall@k | stale@k | answer accuracy |", "|---|---|---|---|---|---|"]
     for name, m in out.metrics.items():

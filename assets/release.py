@@ -5,6 +5,7 @@ from typing import Optional
 
 import dagster as dg
 
+from assets.policies import IO_RETRY, permanent
 from resources.storage import StorageResource
 from sleep_pipeline.release import registry
 
@@ -14,10 +15,13 @@ class RollbackConfig(dg.Config):
     reason: str = "rollback from the Dagster UI"
 
 
-@dg.op(description="Point the live release at an earlier one (its checkpoint is re-verified first).")
+@dg.op(retry_policy=IO_RETRY, description="Point the live release at an earlier one (its checkpoint is re-verified first).")
 def rollback_live_release(context: dg.OpExecutionContext, config: RollbackConfig, storage: StorageResource) -> None:
     before = registry.live(storage.db_path)
-    rel = registry.rollback(storage.db_path, config.version, reason=config.reason)
+    try:
+        rel = registry.rollback(storage.db_path, config.version, reason=config.reason)
+    except registry.ReleaseError as exc:
+        raise permanent(str(exc)) from exc
     context.log.info(f"live: {before.version if before else None} -> {rel.version} ({rel.checkpoint_path})")
 
 
@@ -31,13 +35,13 @@ class PromoteConfig(dg.Config):
     reason: str = "promoted from the Dagster UI"
 
 
-@dg.op(description="Make the canary release live (stable); refused while it has an open regression alarm.")
+@dg.op(retry_policy=IO_RETRY, description="Make the canary release live (stable); refused while it has an open regression alarm.")
 def promote_canary_release(context: dg.OpExecutionContext, config: PromoteConfig, storage: StorageResource) -> None:
     before = registry.live(storage.db_path)
     try:
         rel = registry.promote(storage.db_path, config.version, reason=config.reason)
     except registry.ReleaseError as exc:
-        raise dg.Failure(str(exc)) from exc
+        raise permanent(str(exc)) from exc
     context.log.info(f"promoted canary {rel.version} to live (was {before.version if before else None})")
 
 
@@ -53,12 +57,12 @@ class AlarmConfig(dg.Config):
     source: str = "person"
 
 
-@dg.op(description="Record a regression alarm on a release (default: the live one).")
+@dg.op(retry_policy=IO_RETRY, description="Record a regression alarm on a release (default: the live one).")
 def raise_regression_alarm(context: dg.OpExecutionContext, config: AlarmConfig, storage: StorageResource) -> None:
     live = registry.live(storage.db_path)
     version = config.version or (live.version if live else None)
     if version is None:
-        raise dg.Failure("nothing is live: name the release the alarm is about (config version)")
+        raise permanent("nothing is live: name the release the alarm is about (config version)")
     alarm = registry.raise_alarm(storage.db_path, version, config.reason, config.source)
     context.log.warning(f"regression alarm {alarm} on {version}: {config.reason}")
 

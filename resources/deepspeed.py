@@ -65,6 +65,16 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
     deepspeed_bin: Optional[str] = Field(default=None, description="the deepspeed launcher; default: beside this Python")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the launcher and ranks")
     grace_period_s: float = 15.0
+    shared_dir: Optional[str] = Field(
+        default=None,
+        description="multi-node: a directory every node sees at the same path (shared storage). The Dagster Pipes "
+                    "context and message files, and the environment file DeepSpeed's multi-node launcher hands to "
+                    "every node (DS_ENV_FILE), are written there; default: the storage directory")
+    max_runtime_s: Optional[float] = Field(
+        default=8 * 3600.0,
+        description="the longest one launch (a training-type step) may run; past it the launcher's whole process "
+                    "group is terminated and the step fails, resumable from its last intermediate checkpoint. "
+                    "None: no limit (the run's dagster/max_runtime still applies)")
 
     def launcher_path(self) -> str:
         if self.deepspeed_bin:
@@ -102,6 +112,15 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
         cmd += ["--module", module, *args]
         return cmd
 
+    def node_env(self, env: dict[str, str]) -> dict[str, str]:
+        """What every rank on every node needs from the launching side's environment: DeepSpeed's pdsh
+        launcher forwards only a few prefixes (NCCL, PYTHON, ...) plus its DS_ENV_FILE, so the Pipes
+        bootstrap, the project's settings, the offline flags and the resource's own ``env`` go there.
+        The watch pid is left out: the launching process lives on another node."""
+        keep = ("DAGSTER_PIPES_", "SLEEP_PIPELINE_", "HF_", "OMP_NUM_THREADS", "DS_ACCELERATOR")
+        out = {k: v for k, v in env.items() if k.startswith(keep) and k != "SLEEP_PIPELINE_WATCH_PID"}
+        return {**out, **self.env}
+
     def launch_env(self) -> dict[str, str]:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.omp_num_threads), "PYTHONUNBUFFERED": "1",
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **self.env}
@@ -115,18 +134,33 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
         port = self.master_port or free_port()
         cmd = self.build_command(module, args, master_port=port)
         context.log.info("launching: " + " ".join(cmd))
-        with dg.open_pipes_session(
-            context=context,
-            context_injector=dg.PipesTempFileContextInjector(),
-            message_reader=dg.PipesTempFileMessageReader(),
-            extras=extras or {},
-        ) as session:
+        multi_node = self.num_nodes > 1 or bool(self.hostfile) or bool(self.shared_dir)
+        if multi_node:  # rank 0 may run on another node: Pipes talks through files on shared storage
+            shared = Path(self.shared_dir or os.environ.get("SLEEP_PIPELINE_HOME") or ".").resolve() / "pipes" / context.run.run_id
+            shared.mkdir(parents=True, exist_ok=True)
+            step = f"launch-{port}"
+            injector = dg.PipesFileContextInjector(str(shared / f"{step}.context.json"))
+            reader = dg.PipesFileMessageReader(str(shared / f"{step}.messages.jsonl"))
+        else:
+            injector, reader = dg.PipesTempFileContextInjector(), dg.PipesTempFileMessageReader()
+        with dg.open_pipes_session(context=context, context_injector=injector, message_reader=reader,
+                                   extras=extras or {}) as session:
             # The ranks watch this process: if it is killed outright they stop too.
             env = {**self.launch_env(), **session.get_bootstrap_env_vars(), "SLEEP_PIPELINE_WATCH_PID": str(os.getpid())}
+            if multi_node:
+                env["DS_ENV_FILE"] = str(write_node_env(shared / f"{step}.deepspeed_env", self.node_env(env)))
             # Own session = own process group: the launcher and every rank can be signalled together.
             proc = subprocess.Popen(cmd, env=env, start_new_session=True)
             try:
-                returncode = proc.wait()
+                returncode = proc.wait(timeout=self.max_runtime_s)
+            except subprocess.TimeoutExpired:
+                context.log.error(f"the launch passed its maximum runtime of {self.max_runtime_s:.0f} s: "
+                                  f"terminating launcher process group {proc.pid}")
+                terminate_group(proc, self.grace_period_s)
+                raise dg.Failure(
+                    f"training step exceeded its maximum runtime of {self.max_runtime_s:.0f} s (deepspeed.max_runtime_s) "
+                    "and was terminated; launching it again resumes from its last intermediate checkpoint",
+                    allow_retries=False) from None
             except BaseException:
                 context.log.warning(f"run interrupted: terminating launcher process group {proc.pid}")
                 terminate_group(proc, self.grace_period_s)
@@ -134,9 +168,24 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
             finally:
                 # a run that died before its ranks released them leaves DeepSpeed's all-reduce buffers
                 release_run_segments(addr="*", port=port)
+                if multi_node:  # it carries the Pipes bootstrap and the resource's secrets
+                    (shared / f"{step}.deepspeed_env").unlink(missing_ok=True)
             if returncode != 0:
                 raise DeepSpeedLaunchError(f"deepspeed exited with code {returncode}; the worker's error is in the run log above")
         return list(session.get_results())
+
+
+def write_node_env(path: Path, env: dict[str, str]) -> Path:
+    """DeepSpeed's environment file (``KEY=value`` per line, read on the launching node and exported on
+    every node); a value with a line break cannot be carried and is refused."""
+    bad = [k for k, v in env.items() if "\n" in v or "\r" in v]
+    if bad:
+        raise ValueError(f"environment values with line breaks cannot reach the other nodes: {', '.join(bad)}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())), encoding="utf-8")
+    os.chmod(tmp, 0o600)  # it can hold the resource's secrets
+    os.replace(tmp, path)
+    return path
 
 
 def terminate_group(proc: subprocess.Popen, grace_period_s: float) -> None:

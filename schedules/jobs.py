@@ -24,7 +24,8 @@ from assets.release import promote_canary
 from resources.storage import DataRecipeResource, RhythmsResource, StorageResource
 from sleep_pipeline import trigger as training
 from sleep_pipeline.release import registry
-from sleep_pipeline.rhythms import ACCELERATOR_TAG, AS_OF_TAG, CYCLE_TAG, PHASE_TAG, RHYTHM_TAG, Rhythm, Rhythms
+from sleep_pipeline.rhythms import (ACCELERATOR_TAG, AS_OF_TAG, CYCLE_TAG, PHASE_TAG, RHYTHM_TAG, Rhythm, Rhythms,
+                                    max_runtime_tags)
 
 TRIGGER_TAG = "sleep_pipeline/trigger"
 MODEL_RUN = {ACCELERATOR_TAG: "model"}  # dagster.yaml: one such run at a time
@@ -66,7 +67,7 @@ def run_request(rhythm: Rhythm, when: dt.datetime, phase_keys: dict[str, list[dg
         run_key=f"{cycle}:{phases}:{when.isoformat()}",
         asset_selection=phase_assets(rhythm, slot.phases, phase_keys),
         tags={CYCLE_TAG: cycle, RHYTHM_TAG: rhythm.name, PHASE_TAG: phases, AS_OF_TAG: when.date().isoformat(),
-              **MODEL_RUN},
+              **MODEL_RUN, **rhythm.run_limit_tags()},
     )
 
 
@@ -160,7 +161,8 @@ def evaluate_trigger(context, storage: StorageResource, data_recipe: DataRecipeR
         now = dt.datetime.now(dt.timezone.utc)
         return dg.RunRequest(run_key=cond.key, tags={
             CYCLE_TAG: f"early-{rhythms.trigger.rhythm}-{now:%Y%m%dT%H%M%S}", RHYTHM_TAG: rhythms.trigger.rhythm,
-            PHASE_TAG: "whole cycle", TRIGGER_TAG: cond.reason[:200], **MODEL_RUN})
+            PHASE_TAG: "whole cycle", TRIGGER_TAG: cond.reason[:200], **MODEL_RUN,
+            **max_runtime_tags(rhythms.trigger.max_run_hours)})
     if held:
         return dg.SkipReason("every condition that holds has already started its cycle: "
                              + "; ".join(c.reason for c in held))

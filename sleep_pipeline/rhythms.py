@@ -36,6 +36,7 @@ PHASE_TAG = "sleep_pipeline/phase"
 DECISION_TAG = "sleep_pipeline/decision"
 AS_OF_TAG = "sleep_pipeline/as_of"  # the scheduled day in the rhythm's timezone (the index refresh's day)
 ACCELERATOR_TAG = "sleep_pipeline/accelerator"  # runs that load a model; dagster.yaml allows one at a time
+MAX_RUNTIME_TAG = "dagster/max_runtime"  # seconds; run monitoring (dagster.yaml) fails a run still going past it
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class Rhythm:
     recipes: dict[str, str]  # phase recipe overrides (absolute paths)
     slots: tuple[Slot, ...]
     running: bool  # the schedule's default status
+    max_run_hours: float | None = None  # one run of this rhythm is failed past this; None: dagster.yaml's default
+
+    def run_limit_tags(self) -> dict[str, str]:
+        """The run tag that bounds one run of this rhythm (enforced by run monitoring), if it sets one."""
+        return max_runtime_tags(self.max_run_hours)
 
     def cycle_id(self, when: dt.datetime) -> str:
         """The id of the cycle the instant ``when`` (timezone-aware, any zone) belongs to."""
@@ -76,6 +82,11 @@ class Trigger:
     max_days: float | None  # ... or when the last Learn is older than this
     on_alarm: bool  # ... or when a regression alarm was raised on the live release
     interval_s: int = 300
+    max_run_hours: float | None = None  # an early cycle (the whole cycle in one run) is failed past this
+
+
+def max_runtime_tags(hours: float | None) -> dict[str, str]:
+    return {} if hours is None else {MAX_RUNTIME_TAG: str(int(round(hours * 3600)))}
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ def cron_matches(cron: str, when: dt.datetime) -> bool:
 
 def _rhythm(name: str, raw: dict, where: str, recipes_dir: Path) -> Rhythm:
     mapping(raw, where, {"description", "cycle", "gate", "release_to", "soak_hours", "dream_from", "rollback_on_alarm",
-                         "recipes", "slots", "running"})
+                         "recipes", "slots", "running", "max_run_hours"})
     slots = []
     raw_slots = get(raw, "slots", where, list)
     if not raw_slots:
@@ -183,7 +194,8 @@ def _rhythm(name: str, raw: dict, where: str, recipes_dir: Path) -> Rhythm:
         release_to=release_to, soak_hours=soak if release_to == "canary" else None,
         dream_from=one_of(get(raw, "dream_from", where, str, "cycle"), DREAM_FROM, f"{where}.dream_from", "source"),
         rollback_on_alarm=get(raw, "rollback_on_alarm", where, bool, False),
-        recipes=recipes, slots=tuple(slots), running=get(raw, "running", where, bool, False))
+        recipes=recipes, slots=tuple(slots), running=get(raw, "running", where, bool, False),
+        max_run_hours=number(raw, "max_run_hours", where, None, lo=0.01))
 
 
 def load_rhythms(recipes_dir: str | Path) -> Rhythms:
@@ -202,12 +214,14 @@ def load_rhythms(recipes_dir: str | Path) -> Rhythms:
                    for name, value in section(raw, "rhythms", "", required=True).items()}
         if not rhythms:
             raise fail("rhythms", "needs at least one rhythm")
-        t = section(raw, "trigger", "", {"rhythm", "new_records", "max_days", "on_alarm", "interval_s"})
+        t = section(raw, "trigger", "", {"rhythm", "new_records", "max_days", "on_alarm", "interval_s",
+                                             "max_run_hours"})
         trigger = Trigger(
             rhythm=one_of(get(t, "rhythm", "trigger", str, next(iter(rhythms))), list(rhythms), "trigger.rhythm",
                           "rhythm"),
             new_records=number(t, "new_records", "trigger", None, lo=1, kind=int),
             max_days=number(t, "max_days", "trigger", None, lo=0.0),
             on_alarm=get(t, "on_alarm", "trigger", bool, True),
-            interval_s=number(t, "interval_s", "trigger", 300, lo=30, kind=int))
+            interval_s=number(t, "interval_s", "trigger", 300, lo=30, kind=int),
+            max_run_hours=number(t, "max_run_hours", "trigger", None, lo=0.01))
     return Rhythms(source=str(path), timezone=tz, rhythms=rhythms, trigger=trigger)

@@ -603,3 +603,34 @@ def test_a_build_lock_left_by_a_killed_loader_does_not_hang_the_next_launch(tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     assert not (build_dir / "lock").exists()
     assert "removed a stale build lock" in again.stderr
+
+
+def test_every_node_gets_the_pipes_bootstrap_and_the_secrets_through_deepspeeds_env_file(tmp_path, monkeypatch):
+    """DeepSpeed's pdsh launcher forwards only NCCL/PYTHON/... variables to other nodes, plus the lines of
+    its DS_ENV_FILE: the Pipes bootstrap (without which rank 0 on another node never reports its checkpoint),
+    the project's settings and the resource's secrets must be in that file, read the way DeepSpeed reads it."""
+    import stat
+
+    import dagster as dg
+
+    from resources.deepspeed import write_node_env
+
+    monkeypatch.setenv("CLUSTER_TOKEN", "s3cr3t")
+    res = DeepSpeedClusterResource(env={"CLUSTER_TOKEN": dg.EnvVar("CLUSTER_TOKEN")}, num_nodes=2,
+                                   hostfile=str(tmp_path / "hostfile"), accelerator="cuda").process_config_and_initialize()
+    launch = {**res.launch_env(), "DAGSTER_PIPES_CONTEXT": "eJyrVkrOzytJzSvxSy1RslJKSa1QqgUAOkgG7w==",
+              "DAGSTER_PIPES_MESSAGES": "eJyrVkrOzytJzSvxSy1RslJKSa1QqgUAOkgG7w==",
+              "SLEEP_PIPELINE_HOME": "/shared/sleep", "SLEEP_PIPELINE_WATCH_PID": "4242", "HOME": "/root"}
+    path = write_node_env(tmp_path / "node.env", res.node_env(launch))
+    exported = {}
+    for line in path.read_text().splitlines(keepends=True):  # deepspeed/launcher/runner.py's own parsing
+        key, val = line.split("=", maxsplit=1)
+        exported[key] = val.rstrip("\n")
+    assert exported["DAGSTER_PIPES_CONTEXT"] == launch["DAGSTER_PIPES_CONTEXT"]
+    assert exported["DAGSTER_PIPES_MESSAGES"] == launch["DAGSTER_PIPES_MESSAGES"]
+    assert exported["CLUSTER_TOKEN"] == "s3cr3t" and exported["SLEEP_PIPELINE_HOME"] == "/shared/sleep"
+    assert exported["HF_HUB_OFFLINE"] == "1" and exported["OMP_NUM_THREADS"] == "1"
+    assert "SLEEP_PIPELINE_WATCH_PID" not in exported and "HOME" not in exported  # the launching node's own
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(ValueError, match="line breaks"):
+        write_node_env(tmp_path / "bad.env", {"X": "a\nb"})
