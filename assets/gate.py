@@ -13,7 +13,7 @@ from assets.lineage import cycle_metadata, cycle_of, recorded, rhythm_of
 from assets.policies import IO_RETRY, permanent
 from resources.storage import DreamRecipeResource, GateRecipeResource, RhythmsResource, StorageResource
 from sleep_pipeline import candidates
-from sleep_pipeline.gate import render
+from sleep_pipeline.gate import model_card, render
 from sleep_pipeline.gate import run as gate
 from sleep_pipeline.gate.decide import RHYTHMS
 from sleep_pipeline.gate.suites import GROUP, MANIFEST
@@ -110,7 +110,7 @@ def gate_report(context: dg.AssetExecutionContext, config: GateConfig, storage: 
         "forgetting": dg.MetadataValue.md(render.forgetting_table(report.verdict)),
         "failures": dg.MetadataValue.md(render.bullets(verdict.failures)),
         "risks": dg.MetadataValue.md(render.bullets(verdict.risks)),
-        "model_card": dg.MetadataValue.md(card),
+        "model_card": dg.MetadataValue.md(model_card.for_display(card)),
         "model_card_path": dg.MetadataValue.path(report.card_path),
         "eval_examples": ev.examples,
         "eval_examples_per_s": round(ev.examples / max(ev.seconds, 1e-9), 1),
@@ -204,6 +204,6 @@ def gated_release(context: dg.AssetExecutionContext, config: ReleaseConfig, stor
         **cycle_metadata(context),
         "lineage": dg.MetadataValue.md(" ← ".join(f"{c.phase} `{c.short}`" for c in
                                                   candidates.ancestors(storage.db_path, rel.checkpoint_sha256))),
-        "model_card": dg.MetadataValue.md(card),
+        "model_card": dg.MetadataValue.md(model_card.for_display(card)),
         "model_card_path": dg.MetadataValue.path(report.card_path),
     })

@@ -44,3 +44,21 @@ def test_names_with_yaml_specials_stay_valid():
     card = render(_facts(base_model="models/my: model #1", datasets=["a: b", "- c"]))
     fm = parse_front_matter(card)
     assert fm["base_model"] == "models/my: model #1" and fm["datasets"] == ["a: b", "- c"]
+
+
+def test_the_ui_shows_the_body_first_and_the_front_matter_as_a_yaml_block():
+    """Dagster's Markdown viewer has no front matter: shown as it is, the card opened with a rule and the
+    model-index run together into one long bulleted paragraph above the decision."""
+    import re
+
+    import yaml
+
+    from sleep_pipeline.gate.model_card import for_display
+
+    card = render(_facts())
+    shown = for_display(card)
+    assert shown.startswith("# sleep-pipeline-tiny v0003\n") and "\n---\n" not in shown
+    fenced = re.search(r"```yaml\n(.*?)\n```", shown, re.S)
+    assert fenced and yaml.safe_load(fenced.group(1)) == parse_front_matter(card)
+    assert shown.count("| reasoning_planning | multi_step_success |") == 1
+    assert for_display("# no front matter\n") == "# no front matter\n"

@@ -153,6 +153,10 @@ def test_a_person_runs_a_cycle_from_the_ui_reads_the_card_and_hot_switches_live(
         expect(page.locator("tr", has_text="channel").first).to_contain_text("live")
         page.locator("tr", has_text="model_card").first.get_by_text("[Show Markdown]").click()
         card = page.get_by_role("dialog")
+        # the body first (the card's title as its first heading), the Hub's front matter as a YAML block
+        expect(card.get_by_role("heading", level=1).first).to_contain_text("v0001")
+        expect(card.locator("code", has_text="model-index").first).to_be_attached()
+        assert card.get_by_role("listitem").filter(has_text="model-index").count() == 0
         expect(card.get_by_role("heading", name="Lineage")).to_be_visible()
         expect(card.get_by_role("heading", name="Metrics")).to_be_visible()
         assert card.locator("table").count() >= 2 and card.locator("td", has_text="capability").count() > 0

@@ -156,3 +156,14 @@ def parse_front_matter(card: str) -> dict:
         raise ValueError("a model card starts with '---' and YAML front matter")
     end = card.index("\n---\n", 4)
     return yaml.safe_load(card[4:end])
+
+
+def for_display(card: str) -> str:
+    """The card as a Markdown viewer without front-matter support (the Dagster UI) should show it: the body
+    first, the Hub's YAML front matter after it as a fenced block, not as a rule and a run-on paragraph."""
+    if not card.startswith("---\n"):
+        return card
+    end = card.index("\n---\n", 4)
+    front, body = card[4:end], card[end + len("\n---\n"):]
+    return (body.lstrip("\n").rstrip("\n") + "\n\n## Hub metadata (the card's YAML front matter)\n\n"
+            "```yaml\n" + front.rstrip("\n") + "\n```\n")
