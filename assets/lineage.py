@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.policies import permanent
 from sleep_pipeline.rhythms import CYCLE_TAG, RHYTHM_TAG
 
 SCAN_LIMIT = 1000  # materialisations of one asset looked through for a cycle's
@@ -68,11 +69,11 @@ def recorded(context, asset: str, key: str) -> str:
     if cycle is not None:
         mat = _in_cycle(context, asset_key, key, cycle)
         if mat is None:
-            raise dg.Failure(f"cycle {cycle} has no {asset} yet: its phase has not run (or failed) in this cycle; "
-                             f"run it for cycle {cycle} first (tag {CYCLE_TAG}={cycle})", allow_retries=False)
+            raise permanent(f"cycle {cycle} has no {asset} yet: its phase has not run (or failed) in this cycle; "
+                             f"run it for cycle {cycle} first (tag {CYCLE_TAG}={cycle})")
         return str(_value(mat.metadata[key]))
     event = context.instance.get_latest_materialization_event(asset_key)
     mat = event.asset_materialization if event else None
     if mat is None or key not in mat.metadata:
-        raise dg.Failure(f"{asset} has recorded no {key} yet: materialise {asset} first", allow_retries=False)
+        raise permanent(f"{asset} has recorded no {key} yet: materialise {asset} first")
     return str(_value(mat.metadata[key]))

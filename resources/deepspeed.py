@@ -134,21 +134,23 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
         port = self.master_port or free_port()
         cmd = self.build_command(module, args, master_port=port)
         context.log.info("launching: " + " ".join(cmd))
-        multi_node = self.num_nodes > 1 or bool(self.hostfile) or bool(self.shared_dir)
-        if multi_node:  # rank 0 may run on another node: Pipes talks through files on shared storage
+        env_file: Optional[Path] = None  # DeepSpeed's DS_ENV_FILE for the other nodes
+        if self.num_nodes > 1 or self.hostfile or self.shared_dir:
+            # rank 0 may run on another node: Pipes talks through files on shared storage
             shared = Path(self.shared_dir or os.environ.get("SLEEP_PIPELINE_HOME") or ".").resolve() / "pipes" / context.run.run_id
             shared.mkdir(parents=True, exist_ok=True)
-            step = f"launch-{port}"
-            injector = dg.PipesFileContextInjector(str(shared / f"{step}.context.json"))
-            reader = dg.PipesFileMessageReader(str(shared / f"{step}.messages.jsonl"))
+            launch = shared / f"launch-{port}"
+            injector = dg.PipesFileContextInjector(f"{launch}.context.json")
+            reader = dg.PipesFileMessageReader(f"{launch}.messages.jsonl")
+            env_file = Path(f"{launch}.deepspeed_env")
         else:
             injector, reader = dg.PipesTempFileContextInjector(), dg.PipesTempFileMessageReader()
         with dg.open_pipes_session(context=context, context_injector=injector, message_reader=reader,
                                    extras=extras or {}) as session:
             # The ranks watch this process: if it is killed outright they stop too.
             env = {**self.launch_env(), **session.get_bootstrap_env_vars(), "SLEEP_PIPELINE_WATCH_PID": str(os.getpid())}
-            if multi_node:
-                env["DS_ENV_FILE"] = str(write_node_env(shared / f"{step}.deepspeed_env", self.node_env(env)))
+            if env_file is not None:
+                env["DS_ENV_FILE"] = str(write_node_env(env_file, self.node_env(env)))
             # Own session = own process group: the launcher and every rank can be signalled together.
             proc = subprocess.Popen(cmd, env=env, start_new_session=True)
             try:
@@ -168,8 +170,8 @@ class DeepSpeedClusterResource(dg.ConfigurableResource):
             finally:
                 # a run that died before its ranks released them leaves DeepSpeed's all-reduce buffers
                 release_run_segments(addr="*", port=port)
-                if multi_node:  # it carries the Pipes bootstrap and the resource's secrets
-                    (shared / f"{step}.deepspeed_env").unlink(missing_ok=True)
+                if env_file is not None:  # it carries the Pipes bootstrap and the resource's secrets
+                    env_file.unlink(missing_ok=True)
             if returncode != 0:
                 raise DeepSpeedLaunchError(f"deepspeed exited with code {returncode}; the worker's error is in the run log above")
         return list(session.get_results())

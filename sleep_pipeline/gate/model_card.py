@@ -150,20 +150,28 @@ def render(facts: CardFacts) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _split(card: str) -> tuple[str, str] | None:
+    """(YAML front matter, body) of a card, or None when it has no front matter."""
+    if not card.startswith("---\n"):
+        return None
+    end = card.index("\n---\n", 4)
+    return card[4:end], card[end + len("\n---\n"):]
+
+
 def parse_front_matter(card: str) -> dict:
     """The YAML front matter of a model card (raises ValueError when there is none)."""
-    if not card.startswith("---\n"):
+    parts = _split(card)
+    if parts is None:
         raise ValueError("a model card starts with '---' and YAML front matter")
-    end = card.index("\n---\n", 4)
-    return yaml.safe_load(card[4:end])
+    return yaml.safe_load(parts[0])
 
 
 def for_display(card: str) -> str:
     """The card as a Markdown viewer without front-matter support (the Dagster UI) should show it: the body
     first, the Hub's YAML front matter after it as a fenced block, not as a rule and a run-on paragraph."""
-    if not card.startswith("---\n"):
+    parts = _split(card)
+    if parts is None:
         return card
-    end = card.index("\n---\n", 4)
-    front, body = card[4:end], card[end + len("\n---\n"):]
+    front, body = parts
     return (body.lstrip("\n").rstrip("\n") + "\n\n## Hub metadata (the card's YAML front matter)\n\n"
             "```yaml\n" + front.rstrip("\n") + "\n```\n")
