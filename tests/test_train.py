@@ -634,3 +634,23 @@ def test_every_node_gets_the_pipes_bootstrap_and_the_secrets_through_deepspeeds_
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     with pytest.raises(ValueError, match="line breaks"):
         write_node_env(tmp_path / "bad.env", {"X": "a\nb"})
+
+
+def test_a_rank_exits_with_its_code_and_output_whatever_threads_are_left(tmp_path):
+    """A finished rank ends with its code and its last line printed, with the process group closed,
+    even when a library left a thread behind that would block (or abort) the interpreter's shutdown."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, threading, time\n"
+        "import torch.distributed as dist\n"
+        "from sleep_pipeline.train.runtime import exit_worker\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()  # not a daemon: sys.exit would wait\n"
+        "print('published', end='')\n"
+        "exit_worker(3)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PORT": str(free_port())})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == "published"
+    assert "could not close" not in proc.stderr

@@ -13,10 +13,9 @@ loaded as it is served and never trained. Ranks, progress, resume points and pub
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from sleep_pipeline.train.runtime import RunContext, WorkerError, main
+from sleep_pipeline.train.runtime import RunContext, WorkerError, exit_worker, main
 
 PHASE = "compress"
 
@@ -67,5 +66,5 @@ def train_distil(ctx: RunContext) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(train_distil, PHASE, description="Compress phase: distil a pruned student from a teacher",
+    exit_worker(main(train_distil, PHASE, description="Compress phase: distil a pruned student from a teacher",
                   extra_args=add_arguments))

@@ -22,12 +22,11 @@ Learn; the published manifest names the dream set and the blend it was trained o
 from __future__ import annotations
 
 import json
-import sys
 
 from sleep_pipeline.compress.quantize import is_int8
 from sleep_pipeline.train import preference
 from sleep_pipeline.train.recipe import PreferenceSpec
-from sleep_pipeline.train.runtime import RunContext, WorkerError, main
+from sleep_pipeline.train.runtime import RunContext, WorkerError, exit_worker, main
 
 PHASE = "dream"
 
@@ -86,5 +85,5 @@ if __name__ == "__main__":
         ap.add_argument("--beta", type=float, default=0.1, help="DPO's beta (how far from the starting model)")
         ap.add_argument("--sft-weight", type=float, default=1.0, help="weight of the SFT loss on the chosen answers")
 
-    sys.exit(main(train_dream, PHASE, description="Dream phase: fine-tune on a dream set's pairs and SFT rows",
+    exit_worker(main(train_dream, PHASE, description="Dream phase: fine-tune on a dream set's pairs and SFT rows",
                   extra_args=extra_args))

@@ -684,6 +684,24 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def exit_worker(code: int) -> None:
+    """End this rank with ``code`` without running C++ static destructors.
+
+    At interpreter exit a rank can abort ("terminate called without an active exception", signal 6)
+    when a communication thread is torn down out of order; the launcher then reports the whole run as
+    failed after it had already published. The work and its messages are complete here, so: leave
+    the process group, flush, and exit directly."""
+    dist = _dist()
+    if dist:
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the group did not close
+            print(f"could not close the process group cleanly: {exc}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(entry: Callable[[RunContext], Any], phase: str, argv: list[str] | None = None, description: str = "",
          data_files: Iterable[str] = ("train.jsonl", "validation.jsonl"),
          extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:

@@ -15,10 +15,9 @@ checkpoint with its lineage -- is :mod:`sleep_pipeline.train.runtime`'s. With th
 
 from __future__ import annotations
 
-import sys
 
 from sleep_pipeline.train import own_answers, preference
-from sleep_pipeline.train.runtime import RunContext, WorkerError, main
+from sleep_pipeline.train.runtime import RunContext, WorkerError, exit_worker, main
 
 PHASE = "learn"
 
@@ -83,4 +82,4 @@ def train_preference(ctx: RunContext, model, tokenizer, train_rows: list[dict], 
 
 
 if __name__ == "__main__":
-    sys.exit(main(train_sft, PHASE, description="Learn phase: supervised fine-tuning on the data mix"))
+    exit_worker(main(train_sft, PHASE, description="Learn phase: supervised fine-tuning on the data mix"))
