@@ -23,6 +23,7 @@ from assets.learn import trained_checkpoint
 from assets.memory import retrieval_index
 from assets.data import DATA_GROUP, SOURCE_GROUP
 from assets.release import promote_canary, raise_alarm, rollback_release
+from resources import ray_cluster
 from resources.deepspeed import DeepSpeedClusterResource
 from resources.storage import (CompressRecipeResource, DataRecipeResource, DreamRecipeResource, GateRecipeResource,
                                MemoryRecipeResource, RhythmsResource, StorageResource, TrainRecipeResource)
@@ -89,6 +90,7 @@ def build_defs(recipes_dir: str | Path | None = None, storage_dir: str | Path | 
             "dream_recipe": DreamRecipeResource(path=str(recipes_dir / "dream.yaml")),
             "rhythms": RhythmsResource(recipes_dir=str(recipes_dir)),
             "memory_recipe": MemoryRecipeResource(recipes_dir=str(recipes_dir)),
+            "ray_cluster": ray_cluster.from_environment(),
             "deepspeed": DeepSpeedClusterResource(
                 accelerator=os.environ.get("SLEEP_PIPELINE_ACCELERATOR", "cpu"),
                 num_gpus=int(os.environ.get("SLEEP_PIPELINE_NUM_GPUS", "2")),

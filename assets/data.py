@@ -11,6 +11,7 @@ import dagster as dg
 
 from assets.lineage import cycle_metadata, recorded
 from assets.policies import IO_RETRY
+from resources.ray_cluster import RayClusterResource
 from resources.storage import DataRecipeResource, StorageResource
 from sleep_pipeline.config import DataRecipe, SourceConfig
 from sleep_pipeline.data.corpus import build_deduped_corpus, ingest_source
@@ -79,10 +80,13 @@ def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
         description="All sources cleaned (quality filters, PII scrubbed) and deduplicated (exact + MinHash LSH); "
                     "the most trusted copy of each duplicate cluster is kept.",
     )
-    def deduped_corpus(context: dg.AssetExecutionContext, storage: StorageResource, data_recipe: DataRecipeResource) -> dg.MaterializeResult:
+    def deduped_corpus(context: dg.AssetExecutionContext, storage: StorageResource, data_recipe: DataRecipeResource,
+                       ray_cluster: RayClusterResource) -> dg.MaterializeResult:
         recipe = data_recipe.load(storage)
-        s = build_deduped_corpus(recipe, storage.db_path, context.run.run_id, log=context.log.info)
+        s = build_deduped_corpus(recipe, storage.db_path, context.run.run_id, log=context.log.info,
+                                 ray=ray_cluster.options())
         return dg.MaterializeResult(metadata={
+            "backend": recipe.backend,
             "dagster/row_count": s.kept,
             "records_in": s.records_in,
             "kept": s.kept,

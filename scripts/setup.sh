@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import sleep_pipeline, dagster, torch, bm25s, dagster_postgres, playwright" >/dev/null 2>&1 || [ "${FORCE_INSTALL:-0}" = 1 ]; then
+if ! .venv/bin/python -c "import sleep_pipeline, dagster, torch, bm25s, dagster_postgres, playwright, ray" >/dev/null 2>&1 || [ "${FORCE_INSTALL:-0}" = 1 ]; then
   log=.venv/install.log
   echo "installing into .venv (log: $log) ..."
   start=$SECONDS

@@ -105,6 +105,9 @@ class QualityConfig:
     pii_entities: tuple[str, ...] = PII_ENTITIES
 
 
+DATA_BACKENDS = ("local", "ray")
+
+
 @dataclass(frozen=True)
 class DedupConfig:
     threshold: float = 0.8  # Jaccard similarity of word shingles at which two texts are near-duplicates
@@ -167,6 +170,7 @@ class DataRecipe:
     dedup: DedupConfig
     mix: MixConfig
     keep_versions: int = 5
+    backend: str = "local"  # where cleaning and dedup run: "local" (this process) or "ray" (a Ray cluster)
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:
@@ -176,6 +180,7 @@ class DataRecipe:
 
     def config_hash(self) -> str:
         d = asdict(self)
+        d.pop("backend")  # both backends give the same records
         d["sources"] = [{**s, "path": str(s["path"])} for s in d["sources"]]
         return stable_hash(d)
 
@@ -290,13 +295,14 @@ def load_data_recipe(recipes_dir: str | Path, storage_dir: str | Path) -> DataRe
         if dup:
             raise fail(f"sources[{names.index(dup, names.index(dup) + 1)}].name", f"duplicate source name {dup!r}")
     with in_file(data_path):
-        check_keys(data, {"quality", "dedup", "mix", "keep_versions"}, "")
+        check_keys(data, {"quality", "dedup", "mix", "keep_versions", "backend"}, "")
         recipe = DataRecipe(
             sources=sources,
             quality=_parse_quality(section(data, "quality", "", QualityConfig), "quality"),
             dedup=_parse_dedup(section(data, "dedup", "", DedupConfig), "dedup"),
             mix=_parse_mix(section(data, "mix", "", MIX_KEYS, required=True), "mix"),
             keep_versions=get(data, "keep_versions", "", int, 5),
+            backend=one_of(get(data, "backend", "", str, "local"), DATA_BACKENDS, "backend", "backend"),
         )
         fed = {s.bucket for s in sources if s.bucket} | {b for s in sources for b in s.bucket_map.values()}
         dynamic = any(s.bucket_field and not s.bucket_map for s in sources)

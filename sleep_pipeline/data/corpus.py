@@ -125,10 +125,10 @@ class Cleaned:
     result: DedupResult
 
 
-def clean_and_dedup(rows: list[dict], quality: QualityConfig, dedup_config: DedupConfig, log: LogFn | None = None,
-                    scrub: bool = True) -> Cleaned:
-    """Quality filters (rejects -> quarantine rows), PII scrubbing, then exact + near dedup.
-    ``rows`` are canonical records in priority order (ties between equal tiers keep the earlier)."""
+def clean_rows(rows: list[dict], quality: QualityConfig, log: LogFn | None = None,
+               scrub: bool = True) -> tuple[list[dict], list[QuarantineRow], dict[str, int]]:
+    """Quality filters (rejects -> quarantine rows) and PII scrubbing of canonical records: (the
+    records that pass, with ``pii_scrubbed``; the rejects; PII spans per entity)."""
     rejected: list[QuarantineRow] = []
     candidates: list[dict] = []
     pii_counts: dict[str, int] = {}
@@ -150,6 +150,14 @@ def clean_and_dedup(rows: list[dict], quality: QualityConfig, dedup_config: Dedu
         if i % 2000 == 0:
             progress.update(i)
     progress.finish()
+    return candidates, rejected, pii_counts
+
+
+def clean_and_dedup(rows: list[dict], quality: QualityConfig, dedup_config: DedupConfig, log: LogFn | None = None,
+                    scrub: bool = True) -> Cleaned:
+    """Quality filters (rejects -> quarantine rows), PII scrubbing, then exact + near dedup.
+    ``rows`` are canonical records in priority order (ties between equal tiers keep the earlier)."""
+    candidates, rejected, pii_counts = clean_rows(rows, quality, log, scrub)
 
     # The prompt is where template text (a procedural task's instructions) may be; the answer is content.
     result = dedup([dedup_text(r) for r in candidates], [r["tier"] for r in candidates], dedup_config, log,
@@ -168,83 +176,170 @@ def clean_and_dedup(rows: list[dict], quality: QualityConfig, dedup_config: Dedu
     return Cleaned(kept=kept, duplicates=dups, rejected=rejected, pii_counts=pii_counts, result=result)
 
 
-def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: LogFn | None = None) -> CorpusSummary:
+@dataclass
+class RayOptions:
+    """Where and how the ``ray`` backend runs (the Dagster resource fills this in)."""
+
+    address: str | None = None  # None: start a local cluster in this process
+    num_cpus: int | None = None  # for a local cluster
+    partition_rows: int = 50_000  # records per partition (more partitions for a larger corpus)
+    batch_rows: int = 10_000  # records the driver reads and sends at a time
+    min_partitions: int = 2
+
+    def partitions(self, records: int) -> int:
+        return max(self.min_partitions, -(-records // max(self.partition_rows, 1)))
+
+
+CORPUS_COLUMNS = RECORD_COLUMNS + ("cluster_id", "pii_scrubbed")
+DUP_COLUMNS = ("record_id", "source", "tier", "line_no", "duplicate_of", "kind", "similarity", "cluster_id")
+
+
+def _insert_arrow(con, table_name: str, columns: tuple[str, ...], table, constants: dict) -> None:
+    con.register("_part", table)
+    try:
+        extra = "".join(f", ${i + 1}" for i in range(len(constants)))
+        con.execute(f"INSERT INTO {table_name} ({', '.join(columns + tuple(constants))}) "
+                    f"SELECT {', '.join(columns)}{extra} FROM _part", list(constants.values()))
+    finally:
+        con.unregister("_part")
+
+
+def _record_batches(con, names: list[str], batch_rows: int):
+    """The records of ``names``, a batch at a time, each with ``ord``: its place in the priority order
+    (source order, then line) as one number, so no sort of the whole corpus is needed."""
+    cur = con.cursor()  # its own result stream, apart from the connection's other statements
+    reader = cur.sql(
+        f"SELECT {', '.join(RECORD_COLUMNS)}, "
+        "((list_position(?::VARCHAR[], source) - 1)::BIGINT << 40) + line_no AS ord "
+        "FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))", params=[names, names],
+    ).to_arrow_reader(batch_rows)
+    import pyarrow as pa
+
+    try:
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+    finally:
+        cur.close()
+
+
+def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: LogFn | None = None,
+                         ray: RayOptions | None = None) -> CorpusSummary:
+    """Clean and deduplicate every configured source's records into ``deduped_corpus`` on the recipe's
+    backend, in one transaction (a failure leaves the previous corpus as it was)."""
     start = time.perf_counter()
     names = [s.name for s in recipe.sources]
     with connect(db_path) as con:
         ensure_schema(con)
         ingest_by_source = latest_ingests(con, names)
-        rows = query_dicts(
-            con, f"SELECT {', '.join(RECORD_COLUMNS)} FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))",
-            [names])
-        ingest_q = con.execute(
-            "SELECT source, reason, count(*) FROM quarantine WHERE stage = 'ingest' AND source IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL",
-            [names],
-        ).fetchall()
-    missing = [n for n in names if n not in ingest_by_source]
-    if missing:
-        raise RuntimeError(f"sources never ingested: {', '.join(missing)} (materialise their assets first)")
-    order = {n: i for i, n in enumerate(names)}
-    rows.sort(key=lambda r: (order[r["source"]], r["line_no"]))
-    if log:
-        log(f"corpus: {len(rows):,} records from {len(names)} sources")
+        missing = [n for n in names if n not in ingest_by_source]
+        if missing:
+            raise RuntimeError(f"sources never ingested: {', '.join(missing)} (materialise their assets first)")
+        n_records = con.execute("SELECT count(*) FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))",
+                                [names]).fetchone()[0]
+        if log:
+            log(f"corpus: {n_records:,} records from {len(names)} sources, {recipe.backend} backend")
+        corpus_version = "cv-" + stable_hash(
+            {"ingests": sorted((s, ingest_by_source[s][2]) for s in names), "quality": asdict(recipe.quality),
+             "dedup": asdict(recipe.dedup)})
+        stamp = {"corpus_version": corpus_version}
+        began = []
 
-    cleaned = clean_and_dedup(rows, recipe.quality, recipe.dedup, log)
-    corpus_version = "cv-" + stable_hash(
-        {"ingests": sorted((s, ingest_by_source[s][2]) for s in names), "quality": asdict(recipe.quality), "dedup": asdict(recipe.dedup)}
-    )
-    kept_rows = [{**r, "corpus_version": corpus_version} for r in cleaned.kept]
-    dup_rows = [{**r, "corpus_version": corpus_version} for r in cleaned.duplicates]
-    rejected, result, pii_counts = cleaned.rejected, cleaned.result, cleaned.pii_counts
+        def begin() -> None:
+            if not began:
+                con.execute("BEGIN TRANSACTION")
+                con.execute("DELETE FROM deduped_corpus")
+                con.execute("DELETE FROM duplicates")
+                con.execute("DELETE FROM quarantine WHERE stage = 'clean'")
+                began.append(True)
 
-    per_source = {n: {"in": ingest_by_source[n][0], "kept": 0, "quarantined": ingest_by_source[n][1], "duplicates": 0} for n in names}
-    for r in kept_rows:
-        per_source[r["source"]]["kept"] += 1
-    for r in dup_rows:
-        per_source[r["source"]]["duplicates"] += 1
-    for q in rejected:
-        per_source[q.source]["quarantined"] += 1
-    per_reason: dict[str, int] = {}
-    for s, reason, c in ingest_q:
-        per_reason[reason] = per_reason.get(reason, 0) + c
-    for q in rejected:
-        per_reason[q.reason] = per_reason.get(q.reason, 0) + 1
-    per_bucket: dict[str, int] = {}
-    for r in kept_rows:
-        per_bucket[r["bucket"]] = per_bucket.get(r["bucket"], 0) + 1
+        try:
+            if recipe.backend == "ray":
+                from sleep_pipeline.data.ray_dedup import clean_and_dedup_on_ray, ray_session
 
-    summary = CorpusSummary(
+                ray = ray or RayOptions()
+
+                def sink(kind: str, payload) -> None:
+                    begin()
+                    if kind == "quarantine":
+                        insert_rows(con, "quarantine", QUARANTINE_COLUMNS, _quarantine_dicts(
+                            [QuarantineRow(**q) for q in payload], run_ref))
+                    elif kind == "kept":
+                        _insert_arrow(con, "deduped_corpus", CORPUS_COLUMNS, payload, stamp)
+                    else:
+                        _insert_arrow(con, "duplicates", DUP_COLUMNS, payload, stamp)
+
+                with ray_session(ray.address, ray.num_cpus, log):
+                    outcome = clean_and_dedup_on_ray(
+                        _record_batches(con, names, ray.batch_rows), recipe.quality, recipe.dedup,
+                        ray.partitions(n_records), sink, log)
+                begin()
+                pii_counts, dedup_stats = outcome.pii_counts, outcome.stats
+            else:
+                rows = query_dicts(
+                    con, f"SELECT {', '.join(RECORD_COLUMNS)} FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))",
+                    [names])
+                order = {n: i for i, n in enumerate(names)}
+                rows.sort(key=lambda r: (order[r["source"]], r["line_no"]))
+                cleaned = clean_and_dedup(rows, recipe.quality, recipe.dedup, log)
+                del rows
+                begin()
+                insert_rows(con, "deduped_corpus", CORPUS_COLUMNS + ("corpus_version",),
+                            [{**r, **stamp} for r in cleaned.kept])
+                insert_rows(con, "duplicates", DUP_COLUMNS + ("corpus_version",),
+                            [{**r, **stamp} for r in cleaned.duplicates])
+                insert_rows(con, "quarantine", QUARANTINE_COLUMNS, _quarantine_dicts(cleaned.rejected, run_ref))
+                pii_counts, dedup_stats = cleaned.pii_counts, {**cleaned.result.stats, "backend": "local"}
+                del cleaned
+            summary = _summarize(con, names, ingest_by_source, corpus_version, pii_counts, dedup_stats)
+            if not summary.balanced:
+                raise RuntimeError(f"record accounting does not balance: {summary.per_source}")
+            summary.seconds = round(time.perf_counter() - start, 2)
+            stats = {k: v for k, v in asdict(summary).items() if k != "sample"}
+            con.execute("INSERT INTO corpus_versions VALUES (?, ?, ?)", [corpus_version, utcnow(), json.dumps(stats)])
+            con.execute("COMMIT")
+        except BaseException:
+            if began:
+                con.execute("ROLLBACK")
+            raise
+    return summary
+
+
+def _summarize(con, names: list[str], ingest_by_source: dict, corpus_version: str, pii_counts: dict,
+               dedup_stats: dict) -> CorpusSummary:
+    """The corpus summary, counted from what was written (inside the writing transaction)."""
+    def by(sql: str, params: list | None = None) -> dict:
+        return {row[0]: row[1] for row in con.execute(sql, params or []).fetchall()}
+
+    kept = by("SELECT source, count(*) FROM deduped_corpus GROUP BY source")
+    dups = by("SELECT source, count(*) FROM duplicates GROUP BY source")
+    rejected = by("SELECT source, count(*) FROM quarantine WHERE stage = 'clean' GROUP BY source")
+    per_source = {n: {"in": ingest_by_source[n][0], "kept": kept.get(n, 0),
+                      "quarantined": ingest_by_source[n][1] + rejected.get(n, 0), "duplicates": dups.get(n, 0)}
+                  for n in names}
+    per_reason = by("SELECT reason, count(*) FROM quarantine WHERE stage = 'clean' OR (stage = 'ingest' AND "
+                    "source IN (SELECT unnest(?::VARCHAR[]))) GROUP BY reason ORDER BY reason", [names])
+    per_bucket = by("SELECT bucket, count(*) FROM deduped_corpus GROUP BY bucket ORDER BY bucket")
+    kinds = by("SELECT kind, count(*) FROM duplicates GROUP BY kind")
+    n_kept, n_dups = sum(kept.values()), sum(dups.values())
+    step = max(n_kept // 8, 1)
+    sample = query_dicts(
+        con, "SELECT record_id, bucket, tier, prompt, response FROM (SELECT *, row_number() OVER (ORDER BY "
+             "list_position(?::VARCHAR[], source), line_no) - 1 AS rn FROM deduped_corpus) WHERE rn % ? = 0 "
+             "ORDER BY rn LIMIT 8", [names, step])
+    return CorpusSummary(
         corpus_version=corpus_version,
         records_in=sum(v["in"] for v in per_source.values()),
-        kept=len(kept_rows),
+        kept=n_kept,
         quarantined=sum(v["quarantined"] for v in per_source.values()),
-        duplicates=len(dup_rows),
-        exact_duplicates=result.stats.get("exact_duplicates", 0),
-        near_duplicates=result.stats.get("near_duplicates", 0),
-        duplicate_rate=len(dup_rows) / max(len(kept_rows) + len(dup_rows), 1),
+        duplicates=n_dups,
+        exact_duplicates=kinds.get("exact", 0),
+        near_duplicates=kinds.get("near", 0),
+        duplicate_rate=n_dups / max(n_kept + n_dups, 1),
         pii_scrubbed=pii_counts,
         per_source=per_source,
-        per_reason=dict(sorted(per_reason.items())),
-        per_bucket=dict(sorted(per_bucket.items())),
-        dedup_stats=result.stats,
+        per_reason=per_reason,
+        per_bucket=per_bucket,
+        dedup_stats=dedup_stats,
         seconds=0.0,
-        sample=[{k: r[k] for k in ("record_id", "bucket", "tier", "prompt", "response")} for r in kept_rows[:: max(len(kept_rows) // 8, 1)][:8]],
+        sample=sample,
     )
-    if not summary.balanced:
-        raise RuntimeError(f"record accounting does not balance: {summary.per_source}")
-
-    corpus_cols = RECORD_COLUMNS + ("cluster_id", "pii_scrubbed", "corpus_version")
-    dup_cols = ("record_id", "source", "tier", "line_no", "duplicate_of", "kind", "similarity", "cluster_id", "corpus_version")
-    with connect(db_path) as con:
-        con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM deduped_corpus")
-        con.execute("DELETE FROM duplicates")
-        con.execute("DELETE FROM quarantine WHERE stage = 'clean'")
-        insert_rows(con, "deduped_corpus", corpus_cols, kept_rows)
-        insert_rows(con, "duplicates", dup_cols, dup_rows)
-        insert_rows(con, "quarantine", QUARANTINE_COLUMNS, _quarantine_dicts(rejected, run_ref))
-        summary.seconds = round(time.perf_counter() - start, 2)
-        stats = {k: v for k, v in asdict(summary).items() if k != "sample"}
-        con.execute("INSERT INTO corpus_versions VALUES (?, ?, ?)", [corpus_version, utcnow(), json.dumps(stats)])
-        con.execute("COMMIT")
-    return summary

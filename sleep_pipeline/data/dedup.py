@@ -88,9 +88,13 @@ class ShingleSets:
         return u
 
     def jaccard(self, i: int, j: int) -> float:
-        a, b = self.unique(i), self.unique(j)
-        inter = np.intersect1d(a, b, assume_unique=True).size
-        return inter / (a.size + b.size - inter)
+        return jaccard_unique(self.unique(i), self.unique(j))
+
+
+def jaccard_unique(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sets given as arrays of distinct values."""
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (a.size + b.size - inter)
 
 
 def shingle(normalized: pa.Array, k: int) -> ShingleSets:
@@ -144,6 +148,38 @@ def shingle(normalized: pa.Array, k: int) -> ShingleSets:
     return ShingleSets(values=values, offsets=offsets)
 
 
+def request_doc_freq(where: ShingleSets) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct shingles, in how many documents each occurs): each (document, shingle) counted once,
+    with a hash table rather than a sort."""
+    n = where.offsets.size - 1
+    doc_of_where = np.repeat(np.arange(n), np.diff(where.offsets))
+    codes, uniques = pd.factorize(where.values)
+    pairs = pd.unique(doc_of_where.astype(np.int64) * max(len(uniques), 1) + codes)
+    return np.asarray(uniques, dtype=np.uint64), np.bincount(pairs % max(len(uniques), 1), minlength=len(uniques))
+
+
+def template_limit(n_docs: int, max_doc_share: float, min_docs: int = 50) -> float:
+    """A shingle held by more than this many documents' requests is template text."""
+    return max(max_doc_share * n_docs, min_docs)
+
+
+def remove_shingles(sets: ShingleSets, template: np.ndarray) -> ShingleSets:
+    """The shingle sets without the ``template`` shingles; a document made only of them keeps all its
+    shingles (nothing distinctive left to compare)."""
+    n = sets.offsets.size - 1
+    if template.size == 0 or n == 0:
+        return sets
+    keep = ~np.isin(sets.values, template)
+    lengths = np.diff(sets.offsets)
+    doc_of = np.repeat(np.arange(n), lengths)
+    kept_per_doc = np.bincount(doc_of[keep], minlength=n)
+    keep |= (kept_per_doc == 0)[doc_of]  # nothing distinctive left: fall back to the full set
+    per_doc = np.bincount(doc_of[keep], minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(per_doc, out=offsets[1:])
+    return ShingleSets(values=sets.values[keep], offsets=offsets)
+
+
 def drop_boilerplate(
     sets: ShingleSets, max_doc_share: float, min_docs: int = 50, where: ShingleSets | None = None
 ) -> tuple[ShingleSets, int]:
@@ -157,23 +193,11 @@ def drop_boilerplate(
     where = sets if where is None else where
     if max_doc_share >= 1.0 or n == 0:
         return sets, 0
-    # Document frequency: each (document, shingle) counted once, with a hash table rather than a sort.
-    doc_of_where = np.repeat(np.arange(n), np.diff(where.offsets))
-    codes, uniques = pd.factorize(where.values)
-    pairs = pd.unique(doc_of_where.astype(np.int64) * max(len(uniques), 1) + codes)
-    doc_freq = np.bincount(pairs % max(len(uniques), 1), minlength=len(uniques))
-    template = uniques[doc_freq > max(max_doc_share * n, min_docs)]
+    uniques, doc_freq = request_doc_freq(where)
+    template = uniques[doc_freq > template_limit(n, max_doc_share, min_docs)]
     if template.size == 0:
         return sets, 0
-    keep = ~np.isin(sets.values, template)
-    lengths = np.diff(sets.offsets)
-    doc_of = np.repeat(np.arange(n), lengths)
-    kept_per_doc = np.bincount(doc_of[keep], minlength=n)
-    keep |= (kept_per_doc == 0)[doc_of]  # nothing distinctive left: fall back to the full set
-    per_doc = np.bincount(doc_of[keep], minlength=n)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(per_doc, out=offsets[1:])
-    return ShingleSets(values=sets.values[keep], offsets=offsets), int(template.size)
+    return remove_shingles(sets, template), int(template.size)
 
 
 # --------------------------------------------------------------------------------------- minhash
@@ -257,6 +281,26 @@ def _pairs_in_runs(order: np.ndarray, run_starts: np.ndarray, run_sizes: np.ndar
     return np.sort(pairs, axis=1)
 
 
+def band_key(sig: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """The LSH bucket key of every signature in ``band`` (the band index is part of the key)."""
+    cols = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
+    key = np.full(sig.shape[0], (band * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for c in range(rows):
+            key = (key ^ cols[:, c]) * np.uint64(0x100000001B3)
+    return key
+
+
+def signature_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Share of equal MinHash values per row pair: the cheap estimate of the Jaccard similarity."""
+    return (a == b).mean(axis=1) if len(a) else np.empty(0)
+
+
+def plausible_floor(threshold: float) -> float:
+    """Pairs whose signatures agree less than this are not worth an exact comparison."""
+    return max(threshold - 0.2, 0.0)
+
+
 def lsh_candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> tuple[np.ndarray, bool]:
     """Unique pairs of documents that share at least one LSH band, and whether that is all of them
     (False when a bucket was too large to pair up fully; see ``_MAX_RUN_ALL_PAIRS``)."""
@@ -264,11 +308,7 @@ def lsh_candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> tuple[np.ndar
     all_pairs = []
     complete = True
     for band in range(bands):
-        cols = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        key = np.full(n, (band * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for c in range(rows):
-                key = (key ^ cols[:, c]) * np.uint64(0x100000001B3)
+        key = band_key(sig, band, rows)
         order = np.argsort(key, kind="stable")
         ks = key[order]
         boundary = np.flatnonzero(np.diff(ks)) + 1
@@ -376,8 +416,8 @@ def _near_duplicates(sets: ShingleSets, sig: np.ndarray, tiers: np.ndarray, conf
         cand, checked = cand[fresh], np.union1d(checked, codes)
         counts["candidate_pairs"] += len(cand)
         # Cheap signature estimate first; only plausible pairs get the exact set comparison.
-        est = (sig[cand[:, 0]] == sig[cand[:, 1]]).mean(axis=1) if len(cand) else np.empty(0)
-        plausible = cand[est >= max(config.threshold - 0.2, 0.0)]
+        est = signature_agreement(sig[cand[:, 0]], sig[cand[:, 1]])
+        plausible = cand[est >= plausible_floor(config.threshold)]
         verify = Progress("dedup: verify candidate pairs", len(plausible), log)
         jac = np.empty(len(plausible), dtype=np.float64)
         for idx, (i, j) in enumerate(plausible):
@@ -395,6 +435,17 @@ def _near_duplicates(sets: ShingleSets, sig: np.ndarray, tiers: np.ndarray, conf
             break
         members = np.flatnonzero(rep == np.arange(m))
     return rep, np.concatenate(edges), np.concatenate(jacs), counts
+
+
+def exact_keys(texts: Sequence[str], normalized: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit key of each text, whether nothing alphanumeric is left). Exact duplicates share a key:
+    the same normalised text or, when nothing alphanumeric is left, the same stripped text."""
+    keys_src = normalized.to_numpy(zero_copy_only=False)
+    empty_norm = keys_src == ""
+    if empty_norm.any():
+        keys_src = keys_src.copy()
+        keys_src[empty_norm] = ["\x00" + str(texts[i]).strip() for i in np.flatnonzero(empty_norm)]
+    return _hash_strings(keys_src), empty_norm
 
 
 def dedup(
@@ -422,13 +473,7 @@ def dedup(
         return DedupResult(np.empty(0, bool), empty, [], np.empty(0, np.float32), empty, stats={"docs": 0})
 
     normalized = normalize_texts(texts)
-    # Exact duplicates: same normalised text (or, when nothing alphanumeric is left, same stripped text).
-    keys_src = normalized.to_numpy(zero_copy_only=False)
-    empty_norm = keys_src == ""
-    if empty_norm.any():
-        keys_src = keys_src.copy()
-        keys_src[empty_norm] = ["\x00" + str(texts[i]).strip() for i in np.flatnonzero(empty_norm)]
-    exact_key = _hash_strings(keys_src)
+    exact_key, empty_norm = exact_keys(texts, normalized)
     _, exact_label = np.unique(exact_key, return_inverse=True)
     exact_best = _best_in_group(exact_label, tiers_arr)
     survivors = np.flatnonzero(exact_best == np.arange(n))
