@@ -50,9 +50,11 @@ def _source_asset(src: SourceConfig) -> dg.AssetsDefinition:
         kinds={"duckdb", src.format},
         retry_policy=IO_RETRY,
     )
-    def _ingest(context: dg.AssetExecutionContext, storage: StorageResource, data_recipe: DataRecipeResource) -> dg.MaterializeResult:
+    def _ingest(context: dg.AssetExecutionContext, storage: StorageResource, data_recipe: DataRecipeResource,
+                ray_cluster: RayClusterResource) -> dg.MaterializeResult:
         recipe = data_recipe.load(storage)
-        summary = ingest_source(recipe.source(src.name), recipe, storage.db_path, context.run.run_id, log=context.log.info)
+        summary = ingest_source(recipe.source(src.name), recipe, storage.db_path, context.run.run_id, log=context.log.info,
+                                ray=ray_cluster.options())
         if summary.quarantined:
             context.log.warning(f"{src.name}: {summary.quarantined} records quarantined: {summary.reasons}")
         return dg.MaterializeResult(metadata={

@@ -25,10 +25,11 @@ class RayClusterResource(dg.ConfigurableResource):
     num_cpus: Optional[int] = None
     partition_rows: int = 50_000
     batch_rows: int = 10_000
+    ingest_chunk_bytes: int = 32 << 20
 
     def options(self) -> RayOptions:
-        return RayOptions(address=self.address or None, num_cpus=self.num_cpus,
-                          partition_rows=self.partition_rows, batch_rows=self.batch_rows)
+        return RayOptions(address=self.address or None, num_cpus=self.num_cpus, partition_rows=self.partition_rows,
+                          batch_rows=self.batch_rows, ingest_chunk_bytes=self.ingest_chunk_bytes)
 
 
 def from_environment() -> RayClusterResource:

@@ -4,6 +4,7 @@ backend, row for row, on a real local Ray cluster (2 workers)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -63,6 +64,14 @@ def _both(rows: list[dict], config: DedupConfig, parts: int = 3, batch: int = 20
             local.result.stats, outcome.stats)
 
 
+INGEST_TABLES = (
+    "SELECT * FROM raw_records ORDER BY source, line_no",
+    "SELECT stage, source, line_no, record_id, reason, detail, excerpt FROM quarantine WHERE stage = 'ingest' ORDER BY ALL",
+    "SELECT ingest_id, source, path, format, tier, content_sha256, lines_in, records_ok, quarantined FROM source_ingests "
+    "ORDER BY ALL",
+)
+
+
 def _table(db, sql: str) -> list[tuple]:
     con = duckdb.connect(str(db), read_only=True)
     try:
@@ -75,13 +84,16 @@ def test_embedded_default_is_identical_on_ray(ray_cluster, tmp_path, generated_s
     """The shipped sources: every corpus row, duplicate (with duplicate_of, kind, similarity) and
     quarantine row is the same on both backends, and so is the corpus version."""
     recipe = load_data_recipe(RECIPES, generated_sources)
+    ray_recipe = dataclasses.replace(recipe, backend="ray")
+    options = RayOptions(partition_rows=1500, batch_rows=1000, ingest_chunk_bytes=200_000)
     local_db, ray_db = tmp_path / "local.duckdb", tmp_path / "ray.duckdb"
     for src in recipe.sources:
-        ingest_source(src, recipe, local_db, "ingest")
-    shutil.copy(local_db, ray_db)
+        ingested = ingest_source(src, recipe, local_db, "ingest")
+        assert ingest_source(src, ray_recipe, ray_db, "ingest", ray=options) == ingested
+    for sql in INGEST_TABLES:
+        assert _table(ray_db, sql) == _table(local_db, sql), sql
     local = build_deduped_corpus(recipe, local_db, "run")
-    on_ray = build_deduped_corpus(dataclasses.replace(recipe, backend="ray"), ray_db, "run",
-                                  ray=RayOptions(partition_rows=1500, batch_rows=1000))
+    on_ray = build_deduped_corpus(ray_recipe, ray_db, "run", ray=options)
     assert on_ray.dedup_stats["partitions"] >= 3 and on_ray.dedup_stats["backend"] == "ray"
     assert local.balanced and on_ray.balanced
     assert on_ray.corpus_version == local.corpus_version
@@ -171,3 +183,56 @@ def test_the_corpus_asset_runs_on_ray_when_the_recipe_says_so(ray_cluster, recip
     assert meta["backend"].value == "ray" and meta["dedup"].value["backend"] == "ray"
     checks = {ev.asset_check_key.name: ev.passed for ev in result.get_asset_check_evaluations()}
     assert checks.get("records_accounted_for") is True
+
+
+def test_every_format_and_every_bad_line_is_read_the_same_on_ray(ray_cluster, tmp_path):
+    """A JSONL file with one line of every bad kind, repeated ids and no final newline; a Parquet file
+    of several row groups; a txt folder with a file that is not .txt: the same records, line numbers,
+    quarantine rows and reasons from Ray tasks (many small chunks) as from the local reader."""
+    import pyarrow.parquet as pq
+
+    from sleep_pipeline.config import SourceConfig
+    from sleep_pipeline.data.generate import broken_records
+
+    recipe = load_data_recipe(RECIPES, tmp_path)
+    good = [json.dumps({"id": f"r{i % 40}", "prompt": f"Question {i}?", "response": f"Answer number {i}.",
+                        "bucket": "benign"}).encode() for i in range(60)]
+    lines = good[:30] + broken_records(recipe.quality.max_record_bytes) + good[30:]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines))  # no newline after the last line
+    pq.write_table(pa.table({"question": [f"Q{i}" for i in range(50)], "answer": [f"A{i} is the answer" if i != 13 else None for i in range(50)],
+                             "kind": ["math", "words"] * 25}), tmp_path / "d.parquet", row_group_size=7)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"n{i:02d}.txt").write_text(f"Note {i}: water boils at 100 degrees at sea level." if i != 5 else "")
+    (folder / "readme.md").write_text("not read")
+    sources = (
+        SourceConfig(name="j", path=tmp_path / "in.jsonl", format="jsonl", tier=2, bucket_field="bucket"),
+        SourceConfig(name="pq", path=tmp_path / "d.parquet", format="parquet", tier=1, bucket_field="kind",
+                     bucket_map={"math": "reasoning", "words": "basic_recognition"},
+                     fields={"prompt": "question", "response": "answer"}),
+        SourceConfig(name="notes", path=folder, format="txt_dir", tier=2, bucket="benign"),
+    )
+    recipe = dataclasses.replace(recipe, sources=sources)
+    options = RayOptions(ingest_chunk_bytes=300)
+    for src in sources:
+        local = ingest_source(src, recipe, tmp_path / "local.duckdb", "ingest")
+        on_ray = ingest_source(src, dataclasses.replace(recipe, backend="ray"), tmp_path / "ray.duckdb", "ingest",
+                               ray=options)
+        assert on_ray == local and local.quarantined > 0, src.name
+    for sql in INGEST_TABLES:
+        assert _table(tmp_path / "ray.duckdb", sql) == _table(tmp_path / "local.duckdb", sql), sql
+    reasons = dict(_table(tmp_path / "ray.duckdb", "SELECT reason, count(*) FROM quarantine GROUP BY reason"))
+    assert reasons["duplicate_id"] == 20 and reasons["invalid_utf8"] == 1 and reasons["unsupported_file"] == 1
+
+
+def test_an_empty_source_is_a_clear_error_on_ray_too(ray_cluster, tmp_path):
+    from sleep_pipeline.config import SourceConfig
+    from sleep_pipeline.data.ingest import SourceError
+
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    src = SourceConfig(name="e", path=tmp_path / "empty.jsonl", format="jsonl", tier=2, bucket="benign")
+    recipe = dataclasses.replace(load_data_recipe(RECIPES, tmp_path), sources=(src,), backend="ray")
+    with pytest.raises(SourceError, match="is empty"):
+        ingest_source(src, recipe, tmp_path / "ray.duckdb", "ingest", ray=RayOptions())
+    assert _table(tmp_path / "ray.duckdb", "SELECT count(*) FROM source_ingests") == [(0,)]

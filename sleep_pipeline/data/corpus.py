@@ -19,7 +19,7 @@ from sleep_pipeline.config import DataRecipe, DedupConfig, QualityConfig, Source
 from sleep_pipeline.data.clean import quality_issue, scrub_pii
 from sleep_pipeline.data.dedup import DedupResult, dedup
 from sleep_pipeline.data.generate import generate_source
-from sleep_pipeline.data.ingest import QuarantineRow, excerpt, read_source
+from sleep_pipeline.data.ingest import QuarantineRow, SourceError, content_sha256, duplicate_id, excerpt, read_source
 from sleep_pipeline.progress import LogFn, Progress
 from sleep_pipeline.store import connect, ensure_schema, insert_rows, latest_ingests, query_dicts, utcnow
 
@@ -27,6 +27,21 @@ RECORD_COLUMNS = ("record_id", "source", "tier", "line_no", "bucket", "system", 
 
 
 QUARANTINE_COLUMNS = ("stage", "source", "line_no", "record_id", "reason", "detail", "excerpt", "run_ref", "created_at")
+
+
+@dataclass
+class RayOptions:
+    """Where and how the ``ray`` backend runs (the Dagster resource fills this in)."""
+
+    address: str | None = None  # None: start a local cluster in this process
+    num_cpus: int | None = None  # for a local cluster
+    partition_rows: int = 50_000  # records per partition (more partitions for a larger corpus)
+    batch_rows: int = 10_000  # records the driver reads and sends at a time
+    ingest_chunk_bytes: int = 32 << 20  # bytes of a source file one task parses
+    min_partitions: int = 2
+
+    def partitions(self, records: int) -> int:
+        return max(self.min_partitions, -(-records // max(self.partition_rows, 1)))
 
 
 def _quarantine_dicts(rows: list[QuarantineRow], run_ref: str) -> list[dict]:
@@ -50,13 +65,16 @@ class IngestSummary:
     generated: bool
 
 
-def ingest_source(src: SourceConfig, recipe: DataRecipe, db_path: Path, run_ref: str, log: LogFn | None = None) -> IngestSummary:
+def ingest_source(src: SourceConfig, recipe: DataRecipe, db_path: Path, run_ref: str, log: LogFn | None = None,
+                  ray: RayOptions | None = None) -> IngestSummary:
     generated = False
     if src.generator and not src.path.exists():
         if log:
             log(f"{src.name}: generating the embedded default source at {src.path}")
         generate_source(src, max_record_bytes=recipe.quality.max_record_bytes)
         generated = True
+    if recipe.backend == "ray":
+        return _ingest_on_ray(src, recipe, db_path, run_ref, log, ray or RayOptions(), generated)
     result = read_source(src, recipe.quality)
     ingest_id = f"{src.name}-{result.content_sha256[:12]}"
     for r in result.records:
@@ -81,6 +99,68 @@ def ingest_source(src: SourceConfig, recipe: DataRecipe, db_path: Path, run_ref:
         source=src.name, path=str(src.path), format=src.format, tier=src.tier,
         content_sha256=result.content_sha256, lines_in=result.lines_in, records_ok=len(result.records),
         quarantined=len(result.quarantine), reasons=result.reason_counts(), buckets=buckets, generated=generated,
+    )
+
+
+def _ingest_on_ray(src: SourceConfig, recipe: DataRecipe, db_path: Path, run_ref: str, log: LogFn | None,
+                   ray: RayOptions, generated: bool) -> IngestSummary:
+    """``ingest_source`` with the source parsed by Ray tasks: the same rows and quarantine rows. Records
+    are staged in DuckDB as chunks arrive; ids used by an earlier line are quarantined there."""
+    from sleep_pipeline.data.ray_dedup import ray_session
+    from sleep_pipeline.data.ray_ingest import read_source_on_ray
+
+    if not src.path.exists():
+        raise SourceError(f"source {src.name!r}: {src.path} does not exist")
+    sha = content_sha256(src)
+    ingest_id = f"{src.name}-{sha[:12]}"
+    quarantine_at = utcnow()
+    with connect(db_path) as con:
+        ensure_schema(con)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"CREATE TEMP TABLE _stage AS SELECT {', '.join(RECORD_COLUMNS)}, '' AS _excerpt "
+                        "FROM raw_records LIMIT 0")
+            con.execute("DELETE FROM raw_records WHERE source = ?", [src.name])
+            con.execute("DELETE FROM quarantine WHERE stage = 'ingest' AND source = ?", [src.name])
+            lines_in = 0
+            with ray_session(ray.address, ray.num_cpus, log):
+                for kind, payload in read_source_on_ray(src, recipe.quality, ray.ingest_chunk_bytes, log):
+                    if kind == "lines":
+                        lines_in += payload
+                    elif kind == "quarantine":
+                        insert_rows(con, "quarantine", QUARANTINE_COLUMNS,
+                                    [{**q, "run_ref": run_ref, "created_at": quarantine_at} for q in payload])
+                    elif payload.num_rows:
+                        _insert_arrow(con, "_stage", RECORD_COLUMNS + ("_excerpt",), payload, {})
+            if lines_in == 0:
+                raise SourceError(f"source {src.name!r}: {src.path} is empty (no records to read)")
+            ranked = ("SELECT *, row_number() OVER (PARTITION BY record_id ORDER BY line_no) AS _rank FROM _stage")
+            dups = query_dicts(con, f"SELECT record_id, line_no, _excerpt FROM ({ranked}) WHERE _rank > 1 ORDER BY line_no")
+            insert_rows(con, "quarantine", QUARANTINE_COLUMNS, _quarantine_dicts(
+                [duplicate_id(src, d, d["_excerpt"]) for d in dups], run_ref))
+            con.execute(f"INSERT INTO raw_records ({', '.join(RECORD_COLUMNS)}, ingest_id) "
+                        f"SELECT {', '.join(RECORD_COLUMNS)}, ? FROM ({ranked}) WHERE _rank = 1 ORDER BY line_no",
+                        [ingest_id])
+            records_ok = con.execute("SELECT count(*) FROM raw_records WHERE source = ?", [src.name]).fetchone()[0]
+            buckets = dict(con.execute("SELECT bucket, count(*) FROM raw_records WHERE source = ? GROUP BY bucket",
+                                       [src.name]).fetchall())
+            reasons = dict(con.execute("SELECT reason, count(*) FROM quarantine WHERE stage = 'ingest' AND source = ? "
+                                       "GROUP BY reason", [src.name]).fetchall())
+            quarantined = sum(reasons.values())
+            con.execute(
+                "INSERT INTO source_ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [ingest_id, src.name, str(src.path), src.format, src.tier, sha, lines_in, records_ok, quarantined,
+                 utcnow()],
+            )
+            con.execute("DROP TABLE _stage")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return IngestSummary(
+        source=src.name, path=str(src.path), format=src.format, tier=src.tier, content_sha256=sha,
+        lines_in=lines_in, records_ok=records_ok, quarantined=quarantined, reasons=reasons, buckets=buckets,
+        generated=generated,
     )
 
 
@@ -174,20 +254,6 @@ def clean_and_dedup(rows: list[dict], quality: QualityConfig, dedup_config: Dedu
                 "similarity": round(float(result.similarity[i]), 4), "cluster_id": cluster_id,
             })
     return Cleaned(kept=kept, duplicates=dups, rejected=rejected, pii_counts=pii_counts, result=result)
-
-
-@dataclass
-class RayOptions:
-    """Where and how the ``ray`` backend runs (the Dagster resource fills this in)."""
-
-    address: str | None = None  # None: start a local cluster in this process
-    num_cpus: int | None = None  # for a local cluster
-    partition_rows: int = 50_000  # records per partition (more partitions for a larger corpus)
-    batch_rows: int = 10_000  # records the driver reads and sends at a time
-    min_partitions: int = 2
-
-    def partitions(self, records: int) -> int:
-        return max(self.min_partitions, -(-records // max(self.partition_rows, 1)))
 
 
 CORPUS_COLUMNS = RECORD_COLUMNS + ("cluster_id", "pii_scrubbed")

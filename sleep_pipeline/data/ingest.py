@@ -132,64 +132,80 @@ def read_source(src: SourceConfig, quality: QualityConfig) -> IngestResult:
         raise SourceError(f"source {src.name!r}: {src.path} does not exist")
     result = IngestResult(source=src.name, content_sha256=content_sha256(src))
     seen_ids: set[str] = set()
-
-    def reject(line_no: int, reason: str, detail: str, raw: bytes | str, record_id: str | None = None) -> None:
-        result.quarantine.append(
-            QuarantineRow("ingest", src.name, line_no, record_id, reason, detail, excerpt(raw))
-        )
-
     for line_no, kind, payload in _raw_units(src):
         result.lines_in += 1
-        if kind == "skip":
-            reject(line_no, "unsupported_file", f"{payload}: only .txt files are read from a txt_dir source", payload)
-            continue
-        if kind == "row":
-            size = len(json.dumps(payload, default=str))
-            if size > quality.max_record_bytes:
-                reject(line_no, "oversized", f"{size:,} bytes > max_record_bytes {quality.max_record_bytes:,}", str(payload))
-                continue
-            obj, raw = payload, json.dumps(payload, default=str)
+        record, rejected = parse_unit(src, quality, line_no, kind, payload)
+        if rejected is not None:
+            result.quarantine.append(rejected)
+        elif record["record_id"] in seen_ids:
+            result.quarantine.append(duplicate_id(src, record, record.pop("_excerpt")))
         else:
-            name, data = payload if src.format == "txt_dir" else (None, payload)
-            if len(data) > quality.max_record_bytes:
-                reject(line_no, "oversized", f"{len(data):,} bytes > max_record_bytes {quality.max_record_bytes:,}", data)
-                continue
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                reject(line_no, "invalid_utf8", f"byte {exc.start}: {exc.reason}", data)
-                continue
-            if not text.strip():
-                reject(line_no, "empty", "blank line" if name is None else f"{name} is empty", data)
-                continue
-            if src.format == "txt_dir":
-                obj, raw = {"id": Path(name).stem, "text": text}, text
-            else:
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    reject(line_no, "invalid_json", f"{exc.msg} at column {exc.colno}", text)
-                    continue
-                raw = text
-                surrogate = lone_surrogate(obj) if _SURROGATE_ESCAPE.search(text) else None
-                if surrogate:
-                    reject(line_no, "invalid_unicode", surrogate, text)
-                    continue
-        if not isinstance(obj, dict):
-            reject(line_no, "not_an_object", f"a JSON {type(obj).__name__}, expected an object", raw)
-            continue
-        record = _to_record(src, obj, line_no, raw, reject)
-        if record is None:
-            continue
-        if record["record_id"] in seen_ids:
-            reject(line_no, "duplicate_id", f"id {record['record_id']!r} already used earlier in this source", raw, record["record_id"])
-            continue
-        seen_ids.add(record["record_id"])
-        result.records.append(record)
-
+            seen_ids.add(record["record_id"])
+            record.pop("_excerpt")
+            result.records.append(record)
     if result.lines_in == 0:
         raise SourceError(f"source {src.name!r}: {src.path} is empty (no records to read)")
     return result
+
+
+def duplicate_id(src: SourceConfig, record: dict, excerpt_text: str) -> QuarantineRow:
+    """The quarantine row of a record whose id an earlier line of its source already used."""
+    return QuarantineRow("ingest", src.name, record["line_no"], record["record_id"], "duplicate_id",
+                         f"id {record['record_id']!r} already used earlier in this source", excerpt_text)
+
+
+def parse_unit(src: SourceConfig, quality: QualityConfig, line_no: int, kind: str,
+               payload: Any) -> tuple[dict | None, QuarantineRow | None]:
+    """One line / row / file of a source: (its canonical record with ``_excerpt``, None) or (None, its
+    quarantine row). Whether its id was used earlier in the source is the caller's check."""
+    rejected: list[QuarantineRow] = []
+
+    def reject(line_no: int, reason: str, detail: str, raw: bytes | str, record_id: str | None = None) -> None:
+        rejected.append(QuarantineRow("ingest", src.name, line_no, record_id, reason, detail, excerpt(raw)))
+
+    if kind == "skip":
+        reject(line_no, "unsupported_file", f"{payload}: only .txt files are read from a txt_dir source", payload)
+        return None, rejected[0]
+    if kind == "row":
+        size = len(json.dumps(payload, default=str))
+        if size > quality.max_record_bytes:
+            reject(line_no, "oversized", f"{size:,} bytes > max_record_bytes {quality.max_record_bytes:,}", str(payload))
+            return None, rejected[0]
+        obj, raw = payload, json.dumps(payload, default=str)
+    else:
+        name, data = payload if src.format == "txt_dir" else (None, payload)
+        if len(data) > quality.max_record_bytes:
+            reject(line_no, "oversized", f"{len(data):,} bytes > max_record_bytes {quality.max_record_bytes:,}", data)
+            return None, rejected[0]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            reject(line_no, "invalid_utf8", f"byte {exc.start}: {exc.reason}", data)
+            return None, rejected[0]
+        if not text.strip():
+            reject(line_no, "empty", "blank line" if name is None else f"{name} is empty", data)
+            return None, rejected[0]
+        if src.format == "txt_dir":
+            obj, raw = {"id": Path(name).stem, "text": text}, text
+        else:
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                reject(line_no, "invalid_json", f"{exc.msg} at column {exc.colno}", text)
+                return None, rejected[0]
+            raw = text
+            surrogate = lone_surrogate(obj) if _SURROGATE_ESCAPE.search(text) else None
+            if surrogate:
+                reject(line_no, "invalid_unicode", surrogate, text)
+                return None, rejected[0]
+    if not isinstance(obj, dict):
+        reject(line_no, "not_an_object", f"a JSON {type(obj).__name__}, expected an object", raw)
+        return None, rejected[0]
+    record = _to_record(src, obj, line_no, raw, reject)
+    if record is None:
+        return None, rejected[0]
+    record["_excerpt"] = excerpt(raw)
+    return record, None
 
 
 def _to_record(src: SourceConfig, obj: dict, line_no: int, raw: str, reject) -> dict | None:
