@@ -26,6 +26,10 @@ is a near duplicate).
 text (the settings before real-text dedup was measured), run on the current engine.
 
     python bench/dedup.py [--docs 100000] [--repeats 2] [--sample 3000] [--smoke]
+    python bench/dedup.py --backend ray [--sizes 100000,1000000] [--workers 2] [--address ADDR] [--smoke]
+
+``--backend ray`` measures the whole data hygiene step (ingest, clean, dedup into DuckDB) on the local
+backend and on Ray at growing sizes instead: see ``bench/hygiene_scale.py``.
 
 Prints one JSON object. ``pass`` is true when ours is at least 5x the naive throughput (median of
 the repeats), recall and precision are >= 0.95 on the generated and the real-text corpus, and no
@@ -51,7 +55,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import real_corpus  # noqa: E402
+from bench import hygiene_scale, real_corpus  # noqa: E402
 from bench.common import json_stdout, parse_args  # noqa: E402
 from sleep_pipeline.config import DedupConfig  # noqa: E402
 from sleep_pipeline.data.dedup import dedup, normalize_texts  # noqa: E402
@@ -60,7 +64,7 @@ from sleep_pipeline.data.perturb import PERTURBATIONS, perturb  # noqa: E402
 SPEEDUP_TARGET = 5.0
 RECALL_TARGET = 0.95
 PRECISION_TARGET = 0.95
-SMOKE = {"docs": 2000, "repeats": 1, "sample": 200, "real_docs": 150, "templated_scale": 0.05}
+SMOKE = {"docs": 2000, "repeats": 1, "sample": 200, "real_docs": 150, "templated_scale": 0.05, "sizes": "1500,3000"}
 PREVIOUS_DEFAULTS = {"threshold": 0.7, "shingle_size": 3}  # and the template filter over the whole text
 
 
@@ -266,11 +270,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--real-docs", type=int, default=None, help="about this many real-text files (default: all)")
     ap.add_argument("--templated-scale", type=float, default=1.0, help="share of the embedded default's sizes")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--backend", choices=("engine", "ray"), default="engine",
+                    help="engine: the dedup engine against naive datasketch (default); ray: the whole data hygiene "
+                         "step on the local and the Ray backend at --sizes (bench/hygiene_scale.py)")
+    ap.add_argument("--sizes", default="100000,1000000", help="--backend ray: corpus sizes, smallest first")
+    ap.add_argument("--workers", type=int, default=2, help="--backend ray: CPUs of the local Ray cluster")
+    ap.add_argument("--address", default=None, help="--backend ray: an existing cluster's address instead")
+    ap.add_argument("--scale-child", nargs=5, help=argparse.SUPPRESS)
     args = parse_args(ap, argv, SMOKE)
     if args.child:
         child(*args.child)
         return
+    if args.scale_child:
+        backend, folder, out, workers, address = args.scale_child
+        hygiene_scale.child(backend, folder, out, int(workers), address or None)
+        return
     emit = json_stdout()
+    if args.backend == "ray":
+        hygiene_scale.run([int(x) for x in args.sizes.split(",")], args.workers, args.address, args.repeats,
+                          args.smoke, emit)
+        return
 
     cfg = DedupConfig(threshold=args.threshold, num_perm=args.num_perm)
     cfg_json = json.dumps({"threshold": cfg.threshold, "num_perm": cfg.num_perm, "shingle_size": cfg.shingle_size, "seed": cfg.seed})

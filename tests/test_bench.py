@@ -49,6 +49,23 @@ def test_dedup_bench_smoke(tmp_path):
     assert isinstance(report["pass"], bool) and set(report["checks"]) >= {"real_text_recall", "real_text_precision"}
 
 
+def test_dedup_ray_backend_bench_smoke(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = subprocess.run([sys.executable, "bench/dedup.py", "--backend", "ray", "--smoke"], cwd=ROOT,
+                          env={**os.environ, "SLEEP_PIPELINE_HOME": str(home)}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["smoke"] is True and report["sizes"] == [1500, 3000]
+    for entry in report["runs"].values():
+        assert entry["identical"] is True
+        for backend in ("local", "ray"):
+            assert entry[backend]["docs_per_s"] > 0 and entry[backend]["driver_peak_rss_mb"] > 0
+            assert entry[backend]["balanced_per_source"] and entry[backend]["records_in"] in (1500, 3000)
+        assert entry["ray"]["partitions"] >= 2 and entry["ray"]["workers_seen"] >= 1
+    assert set(report["driver_growth"]) == {"local", "ray"} and isinstance(report["pass"], bool)
+
+
 def test_gate_bench_smoke(tmp_path):
     report = run_smoke("gate.py", tmp_path, timeout=300)
     assert report["examples"] > 0 and report["repeats"] == 1

@@ -367,7 +367,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, log: Lo
     started = time.perf_counter()
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, AuthenticationError
+            raise RuntimeError(
+                f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0]}. A cluster with token "
+                "authentication (Ray's default) needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
+                "(or a file named by RAY_AUTH_TOKEN_PATH) in this process's environment"
+            ) from exc
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
     if log:
