@@ -20,6 +20,7 @@ from sleep_pipeline.store import connect, ensure_schema, latest_ingests
 
 DATA_GROUP = "learn_data"
 SOURCE_GROUP = "sources"
+RAY_POOL = "sleep_pipeline_ray"  # data steps on the Ray backend (limit in dagster.yaml: pools)
 
 def _md_table(headers: list[str], rows: list[list]) -> dg.MetadataValue:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -39,8 +40,9 @@ def _shares_table(shares: dict[str, dict], available: dict[str, int]) -> dg.Meta
 def source_key(name: str) -> dg.AssetKey:
     return dg.AssetKey(["raw", name])
 
-def _source_asset(src: SourceConfig) -> dg.AssetsDefinition:
+def _source_asset(src: SourceConfig, pool: str | None) -> dg.AssetsDefinition:
     @dg.asset(
+        pool=pool,
         key=source_key(src.name),
         group_name=SOURCE_GROUP,
         description=src.description or f"Raw records of source {src.name!r} (tier {src.tier}).",
@@ -73,10 +75,13 @@ def _source_asset(src: SourceConfig) -> dg.AssetsDefinition:
 
 def build_data_assets(recipe: DataRecipe) -> tuple[list, list]:
     """(assets, asset checks) of the data phase for the configured sources."""
-    source_assets = [_source_asset(s) for s in recipe.sources]
+    # On Ray without an address every step starts its own local cluster: one such step at a time.
+    pool = RAY_POOL if recipe.backend == "ray" else None
+    source_assets = [_source_asset(s, pool) for s in recipe.sources]
 
     @dg.asset(
         group_name=DATA_GROUP,
+        pool=pool,
         deps=[source_key(s.name) for s in recipe.sources],
         kinds={"duckdb"},
         description="All sources cleaned (quality filters, PII scrubbed) and deduplicated (exact + MinHash LSH); "

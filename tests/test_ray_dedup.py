@@ -175,6 +175,10 @@ def test_the_corpus_asset_runs_on_ray_when_the_recipe_says_so(ray_cluster, recip
     data["backend"] = "ray"
     (recipes_dir / "data.yaml").write_text(yaml.safe_dump(data))
     defs = definitions.build_defs(recipes_dir, storage)
+    graph = defs.resolve_asset_graph()
+    # a local cluster per step would compete for the same cores: one Ray data step at a time
+    assert graph.get(dg.AssetKey("deduped_corpus")).pools == {"sleep_pipeline_ray"}
+    assert graph.get(dg.AssetKey(["raw", "curated_tasks"])).pools == {"sleep_pipeline_ray"}
     result = dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources,
                             instance=dg.DagsterInstance.ephemeral(),
                             selection=dg.AssetSelection.groups("sources") | dg.AssetSelection.keys("deduped_corpus"))
