@@ -113,6 +113,7 @@ def child(backend: str, folder: str, out: str, workers: int, address: str | None
         "records_in": summary.records_in, "kept": summary.kept, "duplicates": summary.duplicates,
         "quarantined": summary.quarantined, "balanced_per_source": summary.balanced,
         "partitions": summary.dedup_stats.get("partitions"), "digests": digests,
+        "stage_seconds": summary.dedup_stats.get("stage_seconds"), "shuffled_rows": summary.dedup_stats.get("shuffled_rows"),
     }))
 
 

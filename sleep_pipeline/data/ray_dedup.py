@@ -198,13 +198,14 @@ def band_stage(state: PartitionState | None, home: int, bands: int, rows: int, p
 
 
 def bucket_stage(parts: int, *pieces: dict) -> tuple:
-    """Candidate pairs of the buckets in this key partition. Returns (largest bucket, *pairs split by pair)."""
+    """Candidate pairs of the buckets in this key partition. Returns ((largest bucket, band rows), *pairs
+    split by pair)."""
     d = _concat(pieces, ("band", "key", "ord", "home"), (np.int32, np.uint64, np.int64, np.int32))
     n = d["ord"].size
     empty = {"a": np.empty(0, np.int64), "b": np.empty(0, np.int64), "home_a": np.empty(0, np.int32),
              "home_b": np.empty(0, np.int32)}
     if n == 0:
-        return (0, *[empty for _ in range(parts)])
+        return ((0, 0), *[empty for _ in range(parts)])
     order = np.lexsort((d["ord"], d["key"], d["band"]))
     band, key = d["band"][order], d["key"][order]
     boundary = np.flatnonzero((np.diff(key) != 0) | (np.diff(band) != 0)) + 1
@@ -212,11 +213,11 @@ def bucket_stage(parts: int, *pieces: dict) -> tuple:
     run_sizes = np.diff(np.concatenate([run_starts, [n]]))
     multi = run_sizes >= 2
     if not multi.any():
-        return (1, *[empty for _ in range(parts)])
+        return ((1, n), *[empty for _ in range(parts)])
     pos = _pairs_in_runs(np.arange(n), run_starts[multi], run_sizes[multi])  # positions, in ord order
     ords, homes = d["ord"][order], d["home"][order]
     pairs = {"a": ords[pos[:, 0]], "b": ords[pos[:, 1]], "home_a": homes[pos[:, 0]], "home_b": homes[pos[:, 1]]}
-    return (int(run_sizes.max()), *_split(pairs, _pair_part(pairs["a"], pairs["b"], parts), parts))
+    return ((int(run_sizes.max()), n), *_split(pairs, _pair_part(pairs["a"], pairs["b"], parts), parts))
 
 
 def pair_stage(checked: np.ndarray, parts: int, *pieces: dict) -> tuple:
@@ -402,6 +403,13 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
     say = log or (lambda _m: None)
     parts = max(int(parts), 2)
     started = time.perf_counter()
+    stages: dict[str, float] = {}
+    mark = [started]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = round(now - mark[0], 2)
+        mark[0] = now
 
     # 1. clean, split by exact key (the driver holds one batch at a time)
     clean = _remote(clean_batch, num_returns=parts + 2)
@@ -417,12 +425,14 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
     for s in batch_stats:
         pii.update(s["pii"])
     candidates = sum(s["candidates"] for s in batch_stats)
+    stage("clean (quality filters, PII) and split by exact key")
     say(f"ray dedup: cleaned {n_docs:,} records ({n_docs - candidates:,} rejected) in {time.perf_counter() - started:.1f}s")
 
     # 2. exact dedup per partition, request shingles' document frequency
     exact = _remote(exact_stage, num_returns=parts + 2)
     ex = [_returns(exact.remote(config, parts, *[c[2 + p] for c in cleaned]), parts + 2) for p in range(parts)]
     survivors = sum(ray.get([x[1] for x in ex]))
+    stage("exact dedup and request shingles")
     say(f"ray dedup: {candidates - survivors:,} exact duplicates or empty texts, {survivors:,} documents to compare")
 
     # 3. template shingles, 4. signatures
@@ -434,6 +444,7 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
     sigs = [_returns(_remote(signature_stage, num_returns=2).remote(x[0], config, *templates), 2) for x in ex]
     states = [s[0] for s in sigs]
     n_shingles = sum(ray.get([s[1] for s in sigs]))
+    stage("template shingles and MinHash signatures")
     say(f"ray dedup: signatures of {survivors:,} documents ({n_template:,} template shingles left out)")
 
     # 5. LSH rounds, 6. verification, 7. clusters
@@ -442,6 +453,7 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
     checked = [ray.put(np.empty(0, _PAIR)) for _ in range(parts)]
     edge_refs: list = []
     counts = {"candidate_pairs": 0, "lsh_rounds": 0}
+    shuffled = {"records": n_docs, "band_rows": 0, "candidate_pairs": 0}
     verified = 0
     for _ in range(_MAX_LSH_ROUNDS):
         counts["lsh_rounds"] += 1
@@ -449,7 +461,9 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
                      for p in range(parts)]
         buckets = [_returns(_remote(bucket_stage, num_returns=parts + 1).remote(parts, *[b[q] for b in band_rows]), parts + 1)
                    for q in range(parts)]
-        complete = max(ray.get([b[0] for b in buckets])) <= _MAX_RUN_ALL_PAIRS
+        complete = max(m for m, _ in ray.get([b[0] for b in buckets])) <= _MAX_RUN_ALL_PAIRS
+        band_counts = [b[0] for b in buckets]
+        band_counts = [n for _, n in ray.get(band_counts)]
         pairs = [_returns(_remote(pair_stage, num_returns=parts + 2).remote(checked[q], parts, *[b[1 + q] for b in buckets]), parts + 2)
                  for q in range(parts)]
         checked = [pr[0] for pr in pairs]
@@ -462,6 +476,9 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
         new = sum(ray.get([c[1] for c in checks]))
         verified += new
         edge_refs.extend(c[0] for c in checks)
+        shuffled["band_rows"] += int(sum(band_counts))
+        shuffled["candidate_pairs"] += fresh
+        stage(f"LSH round {counts['lsh_rounds']}: band shuffle, pairs, verification, clusters")
         say(f"ray dedup: LSH round {counts['lsh_rounds']}: {fresh:,} new candidate pairs, {new:,} verified near duplicates")
         if new == 0:
             break
@@ -491,8 +508,9 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
         "docs": candidates, "kept": kept, "exact_duplicates": kinds.get("exact", 0),
         "near_duplicates": kinds.get("near", 0), "lsh_bands": bands, "lsh_rows": rows, **counts,
         "verified_pairs": verified, "shingles": n_shingles, "boilerplate_shingles": n_template,
-        "backend": "ray", "partitions": parts,
+        "backend": "ray", "partitions": parts, "stage_seconds": stages, "shuffled_rows": shuffled,
     }
+    stages["compose and hand over"] = round(time.perf_counter() - mark[0], 2)
     say(f"ray dedup: {kept:,} kept, {kinds.get('exact', 0):,} exact and {kinds.get('near', 0):,} near duplicates "
         f"in {time.perf_counter() - started:.1f}s")
     return RayOutcome(pii_counts=dict(pii), stats=stats, candidates=candidates)
