@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 from bench import hygiene_scale, real_corpus  # noqa: E402
 from bench.common import json_stdout, parse_args  # noqa: E402
 from sleep_pipeline.config import DedupConfig  # noqa: E402
+from sleep_pipeline.data.corpus import RayOptions  # noqa: E402
 from sleep_pipeline.data.dedup import dedup, normalize_texts  # noqa: E402
 from sleep_pipeline.data.perturb import PERTURBATIONS, perturb  # noqa: E402
 
@@ -276,19 +277,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="100000,1000000", help="--backend ray: corpus sizes, smallest first")
     ap.add_argument("--workers", type=int, default=2, help="--backend ray: CPUs of the local Ray cluster")
     ap.add_argument("--address", default=None, help="--backend ray: an existing cluster's address instead")
-    ap.add_argument("--scale-child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--driver-memory-mb", type=int, default=RayOptions.driver_memory_mb, help="--backend ray: DuckDB's memory limit in the driver")
+    ap.add_argument("--backends", default="local,ray", help="--backend ray: the sides to run")
+    ap.add_argument("--scale-child", nargs=6, help=argparse.SUPPRESS)
     args = parse_args(ap, argv, SMOKE)
     if args.child:
         child(*args.child)
         return
     if args.scale_child:
-        backend, folder, out, workers, address = args.scale_child
-        hygiene_scale.child(backend, folder, out, int(workers), address or None)
+        backend, folder, out, workers, address, memory = args.scale_child
+        hygiene_scale.child(backend, folder, out, int(workers), address or None, int(memory))
         return
     emit = json_stdout()
     if args.backend == "ray":
         hygiene_scale.run([int(x) for x in args.sizes.split(",")], args.workers, args.address, args.repeats,
-                          args.smoke, emit)
+                          args.smoke, emit, args.driver_memory_mb, tuple(args.backends.split(",")))
         return
 
     cfg = DedupConfig(threshold=args.threshold, num_perm=args.num_perm)

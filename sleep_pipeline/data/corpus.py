@@ -10,7 +10,10 @@ writes ``deduped_corpus``. The accounting is checked, not assumed: records in = 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +41,10 @@ class RayOptions:
     partition_rows: int = 50_000  # records per partition (more partitions for a larger corpus)
     batch_rows: int = 10_000  # records the driver reads and sends at a time
     ingest_chunk_bytes: int = 32 << 20  # bytes of a source file one task parses
+    # Files the driver and the workers exchange (exported records, results): a folder both see at the
+    # same path. None: beside the DuckDB file.
+    exchange_dir: str | None = None
+    driver_memory_mb: int = 256  # DuckDB's memory limit in the driver while it moves the files (it spills past it)
     min_partitions: int = 2
 
     def partitions(self, records: int) -> int:
@@ -123,15 +130,16 @@ def _ingest_on_ray(src: SourceConfig, recipe: DataRecipe, db_path: Path, run_ref
             con.execute("DELETE FROM raw_records WHERE source = ?", [src.name])
             con.execute("DELETE FROM quarantine WHERE stage = 'ingest' AND source = ?", [src.name])
             lines_in = 0
-            with ray_session(ray.address, ray.num_cpus, log):
-                for kind, payload in read_source_on_ray(src, recipe.quality, ray.ingest_chunk_bytes, log):
+            con.execute(f"SET memory_limit = '{int(ray.driver_memory_mb)}MB'")
+            with _exchange(db_path, ray, run_ref) as folder, ray_session(ray.address, ray.num_cpus, log):
+                for kind, payload in read_source_on_ray(src, recipe.quality, ray.ingest_chunk_bytes, log, str(folder)):
                     if kind == "lines":
                         lines_in += payload
                     elif kind == "quarantine":
                         insert_rows(con, "quarantine", QUARANTINE_COLUMNS,
                                     [{**q, "run_ref": run_ref, "created_at": quarantine_at} for q in payload])
-                    elif payload.num_rows:
-                        _insert_arrow(con, "_stage", RECORD_COLUMNS + ("_excerpt",), payload, {})
+                    elif payload is not None:
+                        _insert_result(con, "_stage", RECORD_COLUMNS + ("_excerpt",), payload, {})
             if lines_in == 0:
                 raise SourceError(f"source {src.name!r}: {src.path} is empty (no records to read)")
             ranked = ("SELECT *, row_number() OVER (PARTITION BY record_id ORDER BY line_no) AS _rank FROM _stage")
@@ -270,22 +278,47 @@ def _insert_arrow(con, table_name: str, columns: tuple[str, ...], table, constan
         con.unregister("_part")
 
 
-def _record_batches(con, names: list[str], batch_rows: int):
-    """The records of ``names``, a batch at a time, each with ``ord``: its place in the priority order
-    (source order, then line) as one number, so no sort of the whole corpus is needed."""
-    cur = con.cursor()  # its own result stream, apart from the connection's other statements
-    reader = cur.sql(
-        f"SELECT {', '.join(RECORD_COLUMNS)}, "
-        "((list_position(?::VARCHAR[], source) - 1)::BIGINT << 40) + line_no AS ord "
-        "FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))", params=[names, names],
-    ).to_arrow_reader(batch_rows)
-    import pyarrow as pa
+def _export_records(con, names: list[str], path: Path, batch_rows: int) -> list[tuple[str, int]]:
+    """The records of ``names`` as one Parquet file of ``batch_rows``-row groups, written by DuckDB (no
+    record passes through Python here), each with ``ord``: its place in the priority order (source
+    order, then line) as one number, so no sort of the whole corpus is needed. Returns the (file,
+    row group) batches the workers read."""
+    import pyarrow.parquet as pq
 
+    con.execute(
+        f"COPY (SELECT {', '.join(RECORD_COLUMNS)}, "
+        "((list_position(?::VARCHAR[], source) - 1)::BIGINT << 40) + line_no AS ord "
+        f"FROM raw_records WHERE source IN (SELECT unnest(?::VARCHAR[]))) TO '{_quoted(path)}' "
+        f"(FORMAT parquet, ROW_GROUP_SIZE {int(batch_rows)})", [names, names])
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    return [(str(path), g) for g in range(groups)]
+
+
+@contextlib.contextmanager
+def _exchange(db_path: Path, ray: RayOptions, run_ref: str):
+    """A folder the driver and the workers share for files (removed afterwards), and a DuckDB
+    memory limit for the driver while it moves them."""
+    root = Path(ray.exchange_dir) if ray.exchange_dir else Path(db_path).parent / ".ray_exchange"
+    folder = root / f"{run_ref}-{os.getpid()}-{time.time_ns()}"
+    folder.mkdir(parents=True)
     try:
-        for batch in reader:
-            yield pa.Table.from_batches([batch])
+        yield folder
     finally:
-        cur.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _quoted(path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _insert_result(con, table_name: str, columns: tuple[str, ...], payload, constants: dict) -> None:
+    """Insert a worker's result: a Parquet file it wrote (read by DuckDB) or an Arrow table."""
+    if isinstance(payload, str):
+        extra = "".join(f", ${i + 1}" for i in range(len(constants)))
+        con.execute(f"INSERT INTO {table_name} ({', '.join(columns + tuple(constants))}) "
+                    f"SELECT {', '.join(columns)}{extra} FROM read_parquet('{_quoted(payload)}')", list(constants.values()))
+    elif payload.num_rows:
+        _insert_arrow(con, table_name, columns, payload, constants)
 
 
 def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: LogFn | None = None,
@@ -330,14 +363,15 @@ def build_deduped_corpus(recipe: DataRecipe, db_path: Path, run_ref: str, log: L
                         insert_rows(con, "quarantine", QUARANTINE_COLUMNS, _quarantine_dicts(
                             [QuarantineRow(**q) for q in payload], run_ref))
                     elif kind == "kept":
-                        _insert_arrow(con, "deduped_corpus", CORPUS_COLUMNS, payload, stamp)
+                        _insert_result(con, "deduped_corpus", CORPUS_COLUMNS, payload, stamp)
                     else:
-                        _insert_arrow(con, "duplicates", DUP_COLUMNS, payload, stamp)
+                        _insert_result(con, "duplicates", DUP_COLUMNS, payload, stamp)
 
-                with ray_session(ray.address, ray.num_cpus, log):
-                    outcome = clean_and_dedup_on_ray(
-                        _record_batches(con, names, ray.batch_rows), recipe.quality, recipe.dedup,
-                        ray.partitions(n_records), sink, log)
+                con.execute(f"SET memory_limit = '{int(ray.driver_memory_mb)}MB'")
+                with _exchange(db_path, ray, run_ref) as folder, ray_session(ray.address, ray.num_cpus, log):
+                    batches = _export_records(con, names, folder / "records.parquet", ray.batch_rows)
+                    outcome = clean_and_dedup_on_ray(batches, recipe.quality, recipe.dedup, ray.partitions(n_records),
+                                                      sink, log, out_dir=str(folder))
                 begin()
                 pii_counts, dedup_stats = outcome.pii_counts, outcome.stats
             else:

@@ -89,9 +89,30 @@ def _dedup_text(prompt: str, response: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- tasks
-def clean_batch(batch: pa.Table, quality: QualityConfig, parts: int) -> tuple:
+def read_batch(batch: pa.Table | tuple[str, int]) -> pa.Table:
+    """A batch given as a table, or as (Parquet file, row group) that the worker reads itself."""
+    if isinstance(batch, pa.Table):
+        return batch
+    import pyarrow.parquet as pq
+
+    path, group = batch
+    return pq.ParquetFile(path).read_row_group(group)
+
+
+def write_table(table: pa.Table, path: str) -> str:
+    """``table`` as a Parquet file at ``path``, written whole or not at all (a rerun writes it again)."""
+    import pyarrow.parquet as pq
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def clean_batch(batch: pa.Table | tuple[str, int], quality: QualityConfig, parts: int) -> tuple:
     """Quality filters and PII scrubbing of one batch; the passing records split by exact key.
     Returns (stats, quarantine rows, *parts tables)."""
+    batch = read_batch(batch)
     candidates, rejected, pii = clean_rows(batch.to_pylist(), quality, log=None)
     schema = batch.schema.append(pa.field("pii_scrubbed", pa.string()))
     table = pa.Table.from_pylist(candidates, schema=schema)
@@ -311,9 +332,10 @@ def cluster_stage(parts: int, *edge_pieces: dict) -> tuple:
     return (int(removed.size), *_split(out, homes[removed].astype(np.int64), parts))
 
 
-def compose_stage(state: PartitionState | None, removed: dict) -> tuple:
+def compose_stage(state: PartitionState | None, removed: dict, out: str | None = None) -> tuple:
     """Each record's kept copy: its exact group's best, or the copy that best was claimed by.
-    Returns (kept table, duplicates table, counts)."""
+    Returns (kept, duplicates, counts): tables, or with ``out`` the Parquet files written there
+    (``out`` + ``-kept.parquet`` / ``-duplicates.parquet``; None when empty)."""
     if state is None:
         return None, None, {}
     t = state.table
@@ -339,7 +361,11 @@ def compose_stage(state: PartitionState | None, removed: dict) -> tuple:
             dup[c].append(v)
     kept = t.take(pa.array(kept_rows, pa.int64()))
     kept = kept.append_column("cluster_id", kept["record_id"])
-    return kept, pa.table({c: dup[c] for c in DUP_COLUMNS}) if dup["record_id"] else None, dict(counts)
+    dups = pa.table({c: dup[c] for c in DUP_COLUMNS}) if dup["record_id"] else None
+    if out is not None:
+        kept = write_table(kept, f"{out}-kept.parquet") if kept.num_rows else None
+        dups = write_table(dups, f"{out}-duplicates.parquet") if dups is not None else None
+    return kept, dups, dict(counts)
 
 
 # -------------------------------------------------------------------------------------- driver
@@ -392,8 +418,9 @@ def _returns(refs, n: int) -> list:
     return list(refs) if n > 1 else [refs]
 
 
-def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, config: DedupConfig, parts: int,
-                           sink: Callable[[str, Any], None], log: LogFn | None = None) -> RayOutcome:
+def clean_and_dedup_on_ray(batches: Iterable[pa.Table | tuple[str, int]], quality: QualityConfig, config: DedupConfig,
+                           parts: int, sink: Callable[[str, Any], None], log: LogFn | None = None,
+                           out_dir: str | None = None) -> RayOutcome:
     """Clean and deduplicate the records in ``batches`` (each with an ``ord`` column: the position in
     the priority order) on the connected Ray cluster. ``sink(kind, payload)`` receives the results
     partition by partition: ``("quarantine", rows)``, ``("kept", table)``, ``("duplicates", table)``;
@@ -413,14 +440,15 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
 
     # 1. clean, split by exact key (the driver holds one batch at a time)
     clean = _remote(clean_batch, num_returns=parts + 2)
-    cleaned, n_batches, n_docs = [], 0, 0
+    cleaned, n_batches = [], 0
     for batch in batches:
         n_batches += 1
-        n_docs += batch.num_rows
-        cleaned.append(_returns(clean.remote(ray.put(batch), quality, parts), parts + 2))
+        cleaned.append(_returns(clean.remote(ray.put(batch) if isinstance(batch, pa.Table) else batch, quality, parts),
+                                parts + 2))
         del batch
-    say(f"ray dedup: {n_docs:,} records in {n_batches} batches sent to {parts} partitions")
+    say(f"ray dedup: {n_batches} batches sent to {parts} partitions")
     batch_stats = ray.get([c[0] for c in cleaned])
+    n_docs = sum(s["candidates"] + s["rejected"] for s in batch_stats)
     pii: Counter = Counter()
     for s in batch_stats:
         pii.update(s["pii"])
@@ -488,22 +516,24 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table], quality: QualityConfig, 
             break
 
     # 8. compose, then hand the results over partition by partition
-    composed = [_returns(_remote(compose_stage, num_returns=3).remote(states[p], removed[p]), 3) for p in range(parts)]
+    composed = [_returns(_remote(compose_stage, num_returns=3).remote(
+        states[p], removed[p], None if out_dir is None else os.path.join(out_dir, f"part-{p:05d}")), 3)
+        for p in range(parts)]
     kinds: Counter = Counter()
     for c in ray.get([c[2] for c in composed]):
         kinds.update(c)
     for c in cleaned:
         sink("quarantine", ray.get(c[1]))
     kept = 0
-    for c in composed:
+    for c in composed:  # tables, or the files the tasks wrote
         table = ray.get(c[0])
-        if table is not None and table.num_rows:
-            kept += table.num_rows
+        if table is not None:
             sink("kept", table)
         dups = ray.get(c[1])
-        if dups is not None and dups.num_rows:
+        if dups is not None:
             sink("duplicates", dups)
         del table, dups
+    kept = candidates - sum(kinds.values())
     stats = {
         "docs": candidates, "kept": kept, "exact_duplicates": kinds.get("exact", 0),
         "near_duplicates": kinds.get("near", 0), "lsh_bands": bands, "lsh_rows": rows, **counts,

@@ -8,6 +8,7 @@ visible to them (a shared filesystem, or the same node).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +17,7 @@ import pyarrow as pa
 
 from sleep_pipeline.config import QualityConfig, SourceConfig
 from sleep_pipeline.data.ingest import SourceError, parse_unit
-from sleep_pipeline.data.ray_dedup import _remote
+from sleep_pipeline.data.ray_dedup import _remote, write_table
 from sleep_pipeline.progress import LogFn
 
 STAGE_SCHEMA = pa.schema([
@@ -86,8 +87,9 @@ def _units(src: SourceConfig, chunk: tuple, first_line: int) -> Iterator[tuple[i
                 yield first_line + i, "bytes", (name, path.read_bytes())
 
 
-def parse_chunk(src: SourceConfig, quality: QualityConfig, chunk: tuple, first_line: int) -> tuple:
-    """(records as an Arrow table with ``_excerpt``, quarantine rows as dicts, lines read)."""
+def parse_chunk(src: SourceConfig, quality: QualityConfig, chunk: tuple, first_line: int, out: str | None = None) -> tuple:
+    """(records as an Arrow table with ``_excerpt`` (with ``out``: written there as Parquet, its path;
+    None when no record passed), quarantine rows as dicts, lines read)."""
     records, quarantine, lines = [], [], 0
     for line_no, kind, payload in _units(src, chunk, first_line):
         lines += 1
@@ -96,7 +98,10 @@ def parse_chunk(src: SourceConfig, quality: QualityConfig, chunk: tuple, first_l
             quarantine.append(asdict(rejected))
         else:
             records.append(record)
-    return pa.Table.from_pylist(records, schema=STAGE_SCHEMA), quarantine, lines
+    table = pa.Table.from_pylist(records, schema=STAGE_SCHEMA)
+    if out is not None:
+        return (write_table(table, out) if table.num_rows else None), quarantine, lines
+    return table, quarantine, lines
 
 
 def _plan(src: SourceConfig, chunk_bytes: int) -> tuple[list[tuple], list[int] | None]:
@@ -126,10 +131,12 @@ def _plan(src: SourceConfig, chunk_bytes: int) -> tuple[list[tuple], list[int] |
     return chunks, [1 + i * per for i in range(len(chunks))]
 
 
-def read_source_on_ray(src: SourceConfig, quality: QualityConfig, chunk_bytes: int,
-                       log: LogFn | None = None) -> Iterator[tuple[str, Any]]:
+def read_source_on_ray(src: SourceConfig, quality: QualityConfig, chunk_bytes: int, log: LogFn | None = None,
+                       out_dir: str | None = None) -> Iterator[tuple[str, Any]]:
     """Yield ``("records", table)``, ``("quarantine", rows)`` and ``("lines", n)`` chunk by chunk, in
-    file order, parsed on the connected Ray cluster (the driver holds one chunk's results at a time)."""
+    file order, parsed on the connected Ray cluster. With ``out_dir`` (a folder the workers and the
+    caller share) the records come as Parquet files written there, so they never pass through the
+    driver's Python; otherwise it holds one chunk's records at a time."""
     import ray
 
     chunks, firsts = _plan(src, chunk_bytes)
@@ -139,7 +146,8 @@ def read_source_on_ray(src: SourceConfig, quality: QualityConfig, chunk_bytes: i
     if log:
         log(f"{src.name}: reading {len(chunks)} chunk(s) of {src.path} on Ray")
     parse = _remote(parse_chunk, num_returns=3)
-    refs = [parse.remote(src, quality, c, f) for c, f in zip(chunks, firsts)]
+    refs = [parse.remote(src, quality, c, f, None if out_dir is None else os.path.join(out_dir, f"chunk-{k:06d}.parquet"))
+            for k, (c, f) in enumerate(zip(chunks, firsts))]
     for table_ref, quarantine_ref, lines_ref in refs:
         yield "lines", ray.get(lines_ref)
         yield "quarantine", ray.get(quarantine_ref)
