@@ -18,6 +18,7 @@ size within ``FLAT_LIMIT`` of its peak at the smallest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -116,7 +117,7 @@ def child(backend: str, folder: str, out: str, workers: int, address: str | None
                    if line.startswith("VmHWM"))
         print(f"[{backend} {time.perf_counter() - started:6.1f}s peak {hwm}] {msg}", file=sys.stderr, flush=True)
 
-    with ray_session(address, workers, log) if backend == "ray" else _nothing():
+    with ray_session(address, workers, log) if backend == "ray" else contextlib.nullcontext():
         connected = time.perf_counter()
         for src in sources:
             ingest_source(src, recipe, db, "bench", ray=options, log=log)

@@ -34,16 +34,16 @@ import contextlib
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from sleep_pipeline.config import DedupConfig, QualityConfig
-from sleep_pipeline.data.corpus import DUP_COLUMNS, clean_rows
+from sleep_pipeline.data.corpus import DUP_COLUMNS, clean_rows, dedup_text
 from sleep_pipeline.data.dedup import (
-    _MAX_LSH_ROUNDS, _MAX_RUN_ALL_PAIRS, _mix64, _pairs_in_runs, _request_sets, band_key, exact_keys,
+    _MAX_LSH_ROUNDS, _MAX_RUN_ALL_PAIRS, _best_in_group, _mix64, _pairs_in_runs, _request_sets, band_key, exact_keys,
     jaccard_unique, minhash_signatures, normalize_texts, plausible_floor, remove_shingles, request_doc_freq,
     shingle, signature_agreement, star_clusters, template_limit,
 )
@@ -72,20 +72,21 @@ def _pair_part(a: np.ndarray, b: np.ndarray, parts: int) -> np.ndarray:
     return _part(_mix64(a.astype(np.uint64)) ^ b.astype(np.uint64), parts)
 
 
-def _split(columns: dict[str, np.ndarray], part: np.ndarray, parts: int) -> list[dict[str, np.ndarray]]:
-    """``columns`` (equal-length arrays) split into ``parts`` dicts by ``part``."""
+def _groups(part: np.ndarray, parts: int) -> list[np.ndarray]:
+    """The row positions of each partition, in their original order."""
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1))
-    return [{k: v[order[bounds[p] : bounds[p + 1]]] for k, v in columns.items()} for p in range(parts)]
+    return [order[bounds[p] : bounds[p + 1]] for p in range(parts)]
+
+
+def _split(columns: dict[str, np.ndarray], part: np.ndarray, parts: int) -> list[dict[str, np.ndarray]]:
+    """``columns`` (equal-length arrays) split into ``parts`` dicts by ``part``."""
+    return [{k: v[rows] for k, v in columns.items()} for rows in _groups(part, parts)]
 
 
 def _concat(pieces: Iterable[dict[str, np.ndarray]], names: tuple[str, ...], dtypes: tuple) -> dict[str, np.ndarray]:
     pieces = [p for p in pieces if p]
     return {n: (np.concatenate([p[n] for p in pieces]) if pieces else np.empty(0, dtype=t)) for n, t in zip(names, dtypes)}
-
-
-def _dedup_text(prompt: str, response: str) -> str:
-    return f"{prompt}\n{response}"
 
 
 # --------------------------------------------------------------------------------------- tasks
@@ -116,14 +117,11 @@ def clean_batch(batch: pa.Table | tuple[str, int], quality: QualityConfig, parts
     candidates, rejected, pii = clean_rows(batch.to_pylist(), quality, log=None)
     schema = batch.schema.append(pa.field("pii_scrubbed", pa.string()))
     table = pa.Table.from_pylist(candidates, schema=schema)
-    texts = [_dedup_text(r["prompt"], r["response"]) for r in candidates]
+    texts = [dedup_text(r) for r in candidates]
     key, empty = exact_keys(texts, normalize_texts(texts)) if texts else (np.empty(0, np.uint64), np.empty(0, bool))
     table = table.append_column("exact_key", pa.array(key, pa.uint64())).append_column("empty_norm", pa.array(empty))
-    part = _part(key, parts)
-    order = np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(parts + 1))
     stats = {"pii": pii, "candidates": len(candidates), "rejected": len(rejected)}
-    return (stats, [asdict(q) for q in rejected], *[table.take(order[bounds[p] : bounds[p + 1]]) for p in range(parts)])
+    return (stats, [asdict(q) for q in rejected], *[table.take(rows) for rows in _groups(_part(key, parts), parts)])
 
 
 @dataclass
@@ -135,7 +133,6 @@ class PartitionState:
     surv: np.ndarray  # row positions of the survivors that are compared for near duplicates
     sets: Any = None  # ShingleSets of the survivors
     sig: np.ndarray | None = None
-    _unique: dict = field(default_factory=dict)
 
     @property
     def ords(self) -> np.ndarray:
@@ -162,18 +159,12 @@ def exact_stage(config: DedupConfig, parts: int, *pieces: pa.Table) -> tuple:
     t = pa.concat_tables(tables).sort_by("ord")
     ords = t["ord"].to_numpy()
     tiers = t["tier"].to_numpy().astype(np.int64)
-    keys = t["exact_key"].to_numpy()
     empty = t["empty_norm"].to_numpy(zero_copy_only=False)
-    order = np.lexsort((ords, tiers, keys))
-    ks = keys[order]
-    first = np.concatenate([[True], ks[1:] != ks[:-1]])
-    head = order[np.maximum.accumulate(np.where(first, np.arange(ks.size), 0))]
-    exact_best = np.empty(ords.size, dtype=np.int64)
-    exact_best[order] = ords[head]
+    exact_best = ords[_best_in_group(t["exact_key"].to_numpy(), tiers)]  # rows are in ord order: the same tie-break
     surv = np.flatnonzero((exact_best == ords) & ~empty)
-    prompts = t["prompt"].to_pylist()
-    responses = t["response"].to_pylist()
-    texts = [_dedup_text(prompts[i], responses[i]) for i in surv]
+    rows = t.select(["prompt", "response"]).to_pylist()
+    prompts = [r["prompt"] for r in rows]
+    texts = [dedup_text(rows[i]) for i in surv]
     sets = shingle(normalize_texts(texts), config.shingle_size)
     state = PartitionState(table=t, exact_best=exact_best, surv=surv, sets=sets)
     df_parts: list[dict] = [{} for _ in range(parts)]
@@ -269,7 +260,7 @@ def attach_stage(state: PartitionState | None, parts: int, *pieces: dict) -> lis
              set_start=np.concatenate([[0], np.cumsum(lengths)[:-1]]))
     flat = np.concatenate(uniq) if uniq else np.empty(0, np.uint64)
     out = []
-    split = _split({k: v for k, v in d.items()}, d["home_a"].astype(np.int64), parts)
+    split = _split(d, d["home_a"].astype(np.int64), parts)
     for piece in split:  # each piece carries only the shingles of its own pairs
         if piece["a"].size == 0:
             out.append({})
@@ -286,13 +277,13 @@ def verify_stage(state: PartitionState | None, config: DedupConfig, *pieces: dic
     estimate, then the exact Jaccard of the shingle sets. Returns (edges, count)."""
     edges: dict[str, list] = {k: [] for k in ("a", "b", "jac", "tier_a", "tier_b", "home_a", "home_b", "rid_a", "rid_b")}
     floor = plausible_floor(config.threshold)
-    for d in pieces:
-        if not d or d["a"].size == 0:
-            continue
-        pos = state.locate(d["a"])
-        est = signature_agreement(state.sig[pos], d["sig_b"])
+    pieces = [d for d in pieces if d and d["a"].size]
+    if pieces:
         rids = state.table["record_id"].to_numpy(zero_copy_only=False)
         tiers = state.table["tier"].to_numpy().astype(np.int64)
+    for d in pieces:
+        pos = state.locate(d["a"])
+        est = signature_agreement(state.sig[pos], d["sig_b"])
         for k in np.flatnonzero(est >= floor):
             s, n = d["set_start"][k], d["set_len"][k]
             jac = jaccard_unique(state.sets.unique(int(pos[k])), d["set_values"][s : s + n])
@@ -310,11 +301,10 @@ def verify_stage(state: PartitionState | None, config: DedupConfig, *pieces: dic
 def cluster_stage(parts: int, *edge_pieces: dict) -> tuple:
     """``star_clusters`` over every verified edge so far. Returns (removed count, *removed documents
     with their kept copy, split by the removed document's partition)."""
-    e = {k: np.concatenate([p[k] for p in edge_pieces if p and p["a"].size]) for k in
-         ("a", "b", "jac", "tier_a", "tier_b", "home_a", "home_b", "rid_a", "rid_b")} if any(
-        p and p["a"].size for p in edge_pieces) else None
-    if e is None:
+    pieces = [p for p in edge_pieces if p and p["a"].size]
+    if not pieces:
         return (0, *[{} for _ in range(parts)])
+    e = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
     ends = np.concatenate([e["a"], e["b"]])
     linked, first = np.unique(ends, return_index=True)
     tiers = np.concatenate([e["tier_a"], e["tier_b"]])[first].astype(np.int64)
@@ -489,9 +479,8 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table | tuple[str, int]], qualit
                      for p in range(parts)]
         buckets = [_returns(_remote(bucket_stage, num_returns=parts + 1).remote(parts, *[b[q] for b in band_rows]), parts + 1)
                    for q in range(parts)]
-        complete = max(m for m, _ in ray.get([b[0] for b in buckets])) <= _MAX_RUN_ALL_PAIRS
-        band_counts = [b[0] for b in buckets]
-        band_counts = [n for _, n in ray.get(band_counts)]
+        bucket_stats = ray.get([b[0] for b in buckets])  # (largest bucket, band rows) of each key partition
+        complete = max(m for m, _ in bucket_stats) <= _MAX_RUN_ALL_PAIRS
         pairs = [_returns(_remote(pair_stage, num_returns=parts + 2).remote(checked[q], parts, *[b[1 + q] for b in buckets]), parts + 2)
                  for q in range(parts)]
         checked = [pr[0] for pr in pairs]
@@ -504,7 +493,7 @@ def clean_and_dedup_on_ray(batches: Iterable[pa.Table | tuple[str, int]], qualit
         new = sum(ray.get([c[1] for c in checks]))
         verified += new
         edge_refs.extend(c[0] for c in checks)
-        shuffled["band_rows"] += int(sum(band_counts))
+        shuffled["band_rows"] += sum(n for _, n in bucket_stats)
         shuffled["candidate_pairs"] += fresh
         stage(f"LSH round {counts['lsh_rounds']}: band shuffle, pairs, verification, clusters")
         say(f"ray dedup: LSH round {counts['lsh_rounds']}: {fresh:,} new candidate pairs, {new:,} verified near duplicates")
